@@ -1,0 +1,420 @@
+"""
+The append-only event log: one SQLite file in WAL mode.
+
+One global sequence: ``log_offset INTEGER PRIMARY KEY`` plus a UNIQUE event id, so a
+duplicate id *is* the idempotency check. Each :meth:`EventLog.append` is one
+transaction holding the events *and* the feed positions they cover, so a consumer
+that resumes from :meth:`EventLog.positions` resumes exactly where the durable log
+ends. ``synchronous=FULL`` by default: a commit has reached the disk when
+``append`` returns, and only then may a caller acknowledge.
+
+sqlite-utils creates the schema and serves inspection; the hot path uses the raw
+``sqlite3`` connection (sqlite-utils' ``insert_all`` costs several µs per row in
+Python). One thread writes (see :class:`eventstore.committer.GroupCommitter`);
+readers open their own connections with :meth:`EventLog.reader`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import sqlite3
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Final, Literal
+
+import sqlite_utils
+
+from eventstore._errors import SchemaVersionError, StoreError, StoreFullError
+from eventstore.schema import EVENT_TYPES, Event, UserForgotten, decode_stored, encode_event
+
+__all__ = [
+    "MIGRATIONS",
+    "AppendResult",
+    "DeadLetter",
+    "EventLog",
+    "Position",
+    "Synchronous",
+]
+
+Synchronous = Literal["OFF", "NORMAL", "FULL", "EXTRA"]
+#: A feed position: a Kafka next-offset (int) or an MQTT mark (str).
+Position = int | str
+#: (feed, partition) -> position, e.g. ``("kafka:events", "3") -> 1042``.
+Positions = Mapping[tuple[str, str], Position]
+
+ACCEPTED: Final = "accepted"
+DUPLICATE: Final = "duplicate"
+ERASED: Final = "erased"
+_MAX_DEAD_LETTER_BYTES: Final = 1 << 20
+
+
+@dataclass(frozen=True, slots=True)
+class AppendResult:
+    """
+    What one append did, per input event and in input order.
+
+    ``status[k]`` is ``"accepted"`` (then ``offsets[k]`` is its log offset),
+    ``"duplicate"`` (the id was already in the log or earlier in the batch) or
+    ``"erased"`` (the user was forgotten; a tombstone keeps them out).
+    """
+
+    status: list[str]
+    offsets: list[int | None]
+    appended: list[tuple[int, Event]] = field(repr=False)
+
+    @property
+    def accepted(self) -> int:
+        """How many events were appended."""
+        return len(self.appended)
+
+    @property
+    def duplicates(self) -> int:
+        """How many events were duplicates."""
+        return self.status.count(DUPLICATE)
+
+    @property
+    def erased(self) -> int:
+        """How many events belonged to forgotten users."""
+        return self.status.count(ERASED)
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetter:
+    """A rejected raw input, kept for inspection."""
+
+    seq: int
+    received_ts: float
+    source: str
+    reason: str
+    size: int
+    raw: bytes
+
+
+# --- schema and migrations --------------------------------------------------------
+
+def _create_v1(db: sqlite_utils.Database) -> None:
+    db["events"].create(
+        {"log_offset": int, "id": str, "type": str, "user": str, "ts": float,
+         "ingest_ts": float, "body": bytes},
+        pk="log_offset", not_null={"id", "type", "ts", "ingest_ts", "body"},
+    )
+    # UNIQUE on id is the idempotency check. There is deliberately no index on user:
+    # it would slow every append for the sake of rare erasures, which scan instead.
+    db["events"].create_index(["id"], unique=True, index_name="events_id")
+    db["feed_positions"].create(
+        {"feed": str, "partition": str, "position": str, "log_offset": int, "updated_ts": float},
+        pk=("feed", "partition"),
+    )
+    db["dead_letters"].create(
+        {"seq": int, "received_ts": float, "source": str, "reason": str, "size": int,
+         "raw": bytes},
+        pk="seq",
+    )
+    db["tombstones"].create({"user_hash": bytes, "forgotten_ts": float}, pk="user_hash")
+    db["meta"].create({"key": str, "value": str}, pk="key")
+    db["meta"].insert_all([
+        {"key": "next_offset", "value": "1"},
+        {"key": "tombstone_salt", "value": os.urandom(16).hex()},
+    ])
+
+
+#: Named schema migrations, applied in order, each in its own transaction; the
+#: file's ``PRAGMA user_version`` is the number applied. Append, never edit.
+MIGRATIONS: list[tuple[str, Callable[[sqlite_utils.Database], None]]] = [
+    ("create event log", _create_v1),
+]
+
+
+def _migrate(conn: sqlite3.Connection, path: str,
+             migrations: Sequence[tuple[str, Callable[[sqlite_utils.Database], None]]]) -> int:
+    db = sqlite_utils.Database(conn)
+    version = conn.execute("PRAGMA user_version").fetchone()[0]
+    if version > len(migrations):
+        raise SchemaVersionError(path, version, len(migrations))
+    for number, (_name, migrate) in enumerate(migrations[version:], start=version + 1):
+        with _transaction(conn):
+            migrate(db)
+            conn.execute(f"PRAGMA user_version = {number:d}")
+    return len(migrations)
+
+
+@contextmanager
+def _transaction(conn: sqlite3.Connection) -> Iterator[None]:
+    """BEGIN IMMEDIATE ... COMMIT; roll back on any exception, KeyboardInterrupt included."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    conn.execute("COMMIT")
+
+
+# --- the log -------------------------------------------------------------------------
+
+class EventLog:
+    """
+    The append-only log in one SQLite file.
+
+    Args:
+        path: the database file (created with its directory when missing).
+        synchronous: SQLite ``synchronous`` level; ``FULL`` makes every commit durable
+            before :meth:`append` returns. ``NORMAL`` in WAL mode may lose the last
+            commits on power loss: do not acknowledge on it.
+        migrations: the migration list (tests pass a longer one).
+    """
+
+    def __init__(self, path: str | os.PathLike[str], *, synchronous: Synchronous = "FULL",
+                 migrations: Sequence[tuple[str, Callable[[sqlite_utils.Database], None]]]
+                 = MIGRATIONS) -> None:
+        if synchronous not in {"OFF", "NORMAL", "FULL", "EXTRA"}:
+            msg = f"synchronous: expected OFF, NORMAL, FULL or EXTRA, got {synchronous!r}"
+            raise ValueError(msg)
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._conn = self._connect(self.path)
+        self._conn.execute(f"PRAGMA synchronous={synchronous}")
+        self.schema_version = _migrate(self._conn, str(self.path), migrations)
+        meta = dict(self._conn.execute("SELECT key, value FROM meta"))
+        self._next = int(meta["next_offset"])
+        self._salt = bytes.fromhex(meta["tombstone_salt"])
+        self._tombstones = {row[0] for row in self._conn.execute("SELECT user_hash FROM tombstones")}
+        self._failed: str | None = None
+
+    @staticmethod
+    def _connect(path: Path) -> sqlite3.Connection:
+        conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        conn.execute("PRAGMA journal_mode=WAL")
+        # erased rows are overwritten with zeros, not just unlinked (see forget)
+        conn.execute("PRAGMA secure_delete=ON")
+        conn.execute("PRAGMA busy_timeout=5000")
+        return conn
+
+    def reader(self) -> EventLog:
+        """A second handle on the same file for reading from another thread."""
+        return EventLog(self.path, synchronous="NORMAL")
+
+    @property
+    def db(self) -> sqlite_utils.Database:
+        """sqlite-utils view of the file, for inspection (not for the hot path)."""
+        return sqlite_utils.Database(self._conn)
+
+    @property
+    def next_offset(self) -> int:
+        """The offset the next appended event will get."""
+        return self._next
+
+    def close(self) -> None:
+        """Checkpoint the WAL into the main file and close."""
+        try:
+            self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        except sqlite3.Error:
+            pass  # closing must not fail; the WAL is replayed on the next open anyway
+        self._conn.close()
+
+    # --- writing ------------------------------------------------------------------------
+
+    def append(self, events: Sequence[Event], *, positions: Positions | None = None,
+               ingest_ts: float | None = None) -> AppendResult:
+        """
+        Append ``events`` and record ``positions`` in one durable transaction.
+
+        Duplicate ids (already logged, or repeated in ``events``) are no-ops reported
+        as ``"duplicate"``; events of forgotten users are refused as ``"erased"``.
+
+        Raises:
+            StoreFullError: the disk is full, read-only or failing; nothing was
+                appended and no position moved.
+            ValueError: a ``forget`` event was passed (use :meth:`forget`).
+        """
+        self._check_usable()
+        now = time.time() if ingest_ts is None else ingest_ts
+        rows = []
+        off = self._next
+        tomb = self._tombstones
+        erased: set[int] = set()
+        for k, event in enumerate(events):
+            if isinstance(event, UserForgotten):
+                msg = "type: forget events are not appended; call EventLog.forget"
+                raise ValueError(msg)
+            user = getattr(event, "user", None)
+            if tomb and user is not None and self._user_hash(user) in tomb:
+                erased.add(k)
+                continue
+            rows.append((off + k, event.id, EVENT_TYPES[event.code], user, event.ts, now,
+                         encode_event(event)))
+        inserted = self._write(rows, off + len(events), positions or {}, now)
+        # Each event k was offered offset next+k. INSERT OR IGNORE skipped duplicate ids
+        # (the UNIQUE index is the idempotency check); only when something was skipped
+        # do we ask which offsets exist. Skipped offsets stay unused: offsets are
+        # strictly increasing, not dense.
+        present = None if inserted == len(rows) else self._present(off, off + len(events))
+        status: list[str] = []
+        offsets: list[int | None] = []
+        appended: list[tuple[int, Event]] = []
+        for k, event in enumerate(events):
+            o = off + k
+            if k in erased:
+                status.append(ERASED)
+                offsets.append(None)
+            elif present is not None and o not in present:
+                status.append(DUPLICATE)
+                offsets.append(None)
+            else:
+                status.append(ACCEPTED)
+                offsets.append(o)
+                appended.append((o, event))
+        self._next = off + len(events)
+        return AppendResult(status, offsets, appended)
+
+    def _present(self, lo: int, hi: int) -> set[int]:
+        rows = self._conn.execute(
+            "SELECT log_offset FROM events WHERE log_offset >= ? AND log_offset < ?", (lo, hi))
+        return {r[0] for r in rows}
+
+    def _write(self, rows: list[tuple[object, ...]], next_offset: int, positions: Positions,
+               now: float) -> int:
+        """One transaction: the rows, the high-water mark, the positions. Returns rows inserted."""
+        if not rows and not positions:
+            return 0
+        try:
+            with _transaction(self._conn):
+                before = self._conn.total_changes
+                self._conn.executemany("INSERT OR IGNORE INTO events VALUES (?,?,?,?,?,?,?)", rows)
+                inserted = self._conn.total_changes - before
+                self._conn.execute("UPDATE meta SET value=? WHERE key='next_offset'",
+                                   (str(next_offset),))
+                self._conn.executemany(
+                    "INSERT OR REPLACE INTO feed_positions VALUES (?,?,?,?,?)",
+                    [(feed, part, str(pos), next_offset - 1, now)
+                     for (feed, part), pos in positions.items()])
+        except sqlite3.Error as e:
+            raise self._translate(e) from e
+        return inserted
+
+    def _translate(self, error: sqlite3.Error) -> StoreError:
+        code = getattr(error, "sqlite_errorcode", 0) & 0xFF
+        if code == sqlite3.SQLITE_IOERR:
+            # After a failed fsync the page cache may not match the disk: never retry
+            # and carry on (the "fsyncgate" lesson). Refuse writes until reopened.
+            self._failed = f"I/O error ({error}); reopen the log to replay and continue"
+        if code in {sqlite3.SQLITE_FULL, sqlite3.SQLITE_IOERR, sqlite3.SQLITE_READONLY,
+                    sqlite3.SQLITE_CANTOPEN, sqlite3.SQLITE_PERM}:
+            return StoreFullError(str(self.path), getattr(error, "sqlite_errorname", str(error)))
+        return StoreError(f"{self.path}: {error}")
+
+    def _check_usable(self) -> None:
+        if self._failed:
+            raise StoreFullError(str(self.path), self._failed)
+
+    def dead_letter(self, raw: bytes, reason: str, *, source: str) -> None:
+        """Keep a rejected input (at most its first MiB) with the reason it was rejected."""
+        self.dead_letters([(raw, reason)], source=source)
+
+    def dead_letters(self, rejected: Sequence[tuple[bytes, str]], *, source: str) -> None:
+        """Keep several rejected inputs in one transaction."""
+        if not rejected:
+            return
+        self._check_usable()
+        now = time.time()
+        rows = [(now, source, reason, len(raw), raw[:_MAX_DEAD_LETTER_BYTES])
+                for raw, reason in rejected]
+        try:
+            with _transaction(self._conn):
+                self._conn.executemany(
+                    "INSERT INTO dead_letters (received_ts, source, reason, size, raw) "
+                    "VALUES (?,?,?,?,?)", rows)
+        except sqlite3.Error as e:
+            raise self._translate(e) from e
+
+    # --- erasure ------------------------------------------------------------------------
+
+    def _user_hash(self, user: str) -> bytes:
+        return hashlib.sha256(self._salt + user.encode()).digest()
+
+    def is_forgotten(self, user: str) -> bool:
+        """Whether ``user`` has a tombstone."""
+        return bool(self._tombstones) and self._user_hash(user) in self._tombstones
+
+    def forget(self, user: str) -> int:
+        """
+        Erase ``user``: delete their events and any dead letter that mentions their id,
+        keep a tombstone (a salted SHA-256 of the id, never the id), and checkpoint
+        the WAL so no old page image survives. With ``secure_delete`` the freed
+        bytes are overwritten with zeros.
+
+        Returns:
+            How many events were deleted.
+        """
+        self._check_usable()
+        digest = self._user_hash(user)
+        try:
+            with _transaction(self._conn):
+                deleted = self._conn.execute("DELETE FROM events WHERE user = ?", (user,)).rowcount
+                self._conn.execute("DELETE FROM dead_letters WHERE instr(raw, ?) > 0",
+                                   (user.encode(),))
+                self._conn.execute("INSERT OR IGNORE INTO tombstones VALUES (?, ?)",
+                                   (digest, time.time()))
+            self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        except sqlite3.Error as e:
+            raise self._translate(e) from e
+        self._tombstones.add(digest)
+        return deleted
+
+    def delete_before(self, offset: int) -> int:
+        """Delete events with offsets below ``offset`` (retention, once a snapshot covers them)."""
+        try:
+            with _transaction(self._conn):
+                n = self._conn.execute("DELETE FROM events WHERE log_offset < ?", (offset,)).rowcount
+        except sqlite3.Error as e:
+            raise self._translate(e) from e
+        return n
+
+    # --- reading ------------------------------------------------------------------------
+
+    def read(self, *, after: int = 0, limit: int | None = None) -> Iterator[tuple[int, Event]]:
+        """(offset, event) for every event with an offset above ``after``, in order."""
+        sql = "SELECT log_offset, body FROM events WHERE log_offset > ? ORDER BY log_offset"
+        params: tuple[int, ...] = (after,)
+        if limit is not None:
+            sql += " LIMIT ?"
+            params = (after, limit)
+        for offset, body in self._conn.execute(sql, params):
+            yield offset, decode_stored(body)
+
+    def count(self) -> int:
+        """Events in the log."""
+        return self._conn.execute("SELECT count(*) FROM events").fetchone()[0]
+
+    def ids(self) -> list[str]:
+        """Every event id in offset order (for tests and audits)."""
+        return [r[0] for r in self._conn.execute("SELECT id FROM events ORDER BY log_offset")]
+
+    def positions(self, feed: str | None = None) -> dict[tuple[str, str], Position]:
+        """The stored feed positions, optionally of one feed."""
+        sql = "SELECT feed, partition, position FROM feed_positions"
+        rows = self._conn.execute(sql + " WHERE feed = ?", (feed,)) if feed else self._conn.execute(sql)
+        return {(f, p): int(v) if v.lstrip("-").isdigit() else v for f, p, v in rows}
+
+    def read_dead_letters(self, *, limit: int = 100) -> list[DeadLetter]:
+        """The most recent dead letters, newest first."""
+        rows = self._conn.execute(
+            "SELECT seq, received_ts, source, reason, size, raw FROM dead_letters "
+            "ORDER BY seq DESC LIMIT ?", (limit,))
+        return [DeadLetter(*row) for row in rows]
+
+    def stats(self) -> dict[str, int]:
+        """Row counts per table and the file sizes (for ``rerankd log``)."""
+        db = self.db
+        out = {name: db[name].count for name in
+               ("events", "feed_positions", "dead_letters", "tombstones")}
+        out["next_offset"] = self._next
+        out["schema_version"] = self.schema_version
+        for suffix in ("", "-wal"):
+            f = Path(f"{self.path}{suffix}")
+            out[f"bytes{suffix or '_db'}"] = f.stat().st_size if f.exists() else 0
+        return out

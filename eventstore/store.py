@@ -1,0 +1,177 @@
+"""
+The store: the log, the state and the snapshots, kept consistent.
+
+``Store`` is what the daemon, the importers and the CLI use. Its invariant: the
+state equals the newest snapshot plus a fold of the log after the snapshot's offset.
+Every method keeps it, on one thread (the writer).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Final
+
+import structlog
+
+from eventstore._config import FoldConfig
+from eventstore.fold import project
+from eventstore.log import AppendResult, EventLog, Positions, Synchronous
+from eventstore.schema import Event, UserForgotten
+from eventstore.snapshots import SnapshotStore
+from eventstore.state import State
+
+__all__ = ["Store"]
+
+LOG_FILE: Final = "events.db"
+SNAPSHOT_DIR: Final = "snapshots"
+_log = structlog.get_logger("eventstore.store")
+
+
+class Store:
+    """
+    Open (or create) the store in ``directory`` and restore the state.
+
+    Restore = the newest valid snapshot + replay of the log after its offset; users
+    with a tombstone are dropped from a restored snapshot (an erasure interrupted
+    between deleting events and rewriting snapshots is completed here).
+
+    Args:
+        directory: holds ``events.db`` and ``snapshots/``.
+        fold: the fold configuration.
+        synchronous: SQLite durability level (``FULL``: acknowledged means on disk).
+        snapshot_every: write a snapshot after this many appended events (0: never
+            automatically).
+        keep_snapshots: how many snapshot files to keep.
+    """
+
+    def __init__(self, directory: str | os.PathLike[str], *, fold: FoldConfig | None = None,
+                 synchronous: Synchronous = "FULL", snapshot_every: int = 100_000,
+                 keep_snapshots: int = 2) -> None:
+        self.directory = Path(directory)
+        self.config = fold or FoldConfig()
+        self.log = EventLog(self.directory / LOG_FILE, synchronous=synchronous)
+        self.snapshots = SnapshotStore(self.directory / SNAPSHOT_DIR, keep=keep_snapshots)
+        self.snapshot_every = snapshot_every
+        self.state = self._restore()
+        self._since_snapshot = 0
+
+    def _restore(self) -> State:
+        started = time.perf_counter()
+        state = self.snapshots.newest_valid(self.config)
+        from_snapshot = state is not None
+        if state is None:
+            state = State(self.config)
+        erased = [u for u in state.user_index if self.log.is_forgotten(u)]
+        for user in erased:
+            state.drop_user(user)
+        replayed = self.replay(state)
+        if erased:
+            self.snapshots.write(state)
+            self.snapshots.drop_all_but_newest()
+        _log.info("state_restored", from_snapshot=from_snapshot, offset=state.offset,
+                  replayed=replayed, users=len(state.user_index), items=state.n_items,
+                  seconds=round(time.perf_counter() - started, 3))
+        return state
+
+    def replay(self, state: State, *, batch: int = 10_000) -> int:
+        """Fold every logged event after ``state.offset`` into ``state``; returns how many."""
+        total = 0
+        while True:
+            chunk = list(self.log.read(after=state.offset, limit=batch))
+            if not chunk:
+                return total
+            project(state, (event for _, event in chunk))
+            state.offset = chunk[-1][0]
+            total += len(chunk)
+
+    def append(self, events: Sequence[Event], *, positions: Positions | None = None,
+               ingest_ts: float | None = None) -> AppendResult:
+        """
+        Make ``events`` durable (one transaction with ``positions``), then fold them.
+
+        ``forget`` events are carried out in their place in the sequence (see
+        :meth:`forget`) and reported as accepted without an offset.
+        """
+        if not any(isinstance(e, UserForgotten) for e in events):
+            return self._append(events, positions, ingest_ts)
+        status: list[str] = []
+        offsets: list[int | None] = []
+        appended: list[tuple[int, Event]] = []
+        segments = _split_at_forgets(events)
+        for k, segment in enumerate(segments):
+            if isinstance(segment, UserForgotten):
+                self.forget(segment.user)
+                status.append("accepted")
+                offsets.append(None)
+                continue
+            last = k == len(segments) - 1
+            part = self._append(segment, positions if last else None, ingest_ts)
+            status += part.status
+            offsets += part.offsets
+            appended += part.appended
+        if positions and isinstance(segments[-1], UserForgotten):
+            self._append([], positions, ingest_ts)
+        return AppendResult(status, offsets, appended)
+
+    def _append(self, events: Sequence[Event], positions: Positions | None,
+                ingest_ts: float | None) -> AppendResult:
+        result = self.log.append(events, positions=positions, ingest_ts=ingest_ts)
+        if result.appended:
+            project(self.state, (event for _, event in result.appended))
+            self.state.offset = result.appended[-1][0]
+            self._since_snapshot += len(result.appended)
+            if self.snapshot_every and self._since_snapshot >= self.snapshot_every:
+                self.snapshot()
+        return result
+
+    def snapshot(self) -> Path:
+        """Write a snapshot of the current state now."""
+        path = self.snapshots.write(self.state)
+        self._since_snapshot = 0
+        return path
+
+    def forget(self, user: str) -> int:
+        """
+        Erase ``user`` from the log, the state and every snapshot, and keep a tombstone.
+
+        Returns:
+            How many of the user's events were deleted from the log.
+        """
+        deleted = self.log.forget(user)
+        self.state.drop_user(user)
+        # Old snapshots still hold the user: replace them all by one written now.
+        self.snapshot()
+        self.snapshots.drop_all_but_newest()
+        return deleted
+
+    def close(self, *, snapshot: bool = True) -> None:
+        """Optionally snapshot, then checkpoint and close the log."""
+        if snapshot and self._since_snapshot:
+            self.snapshot()
+        self.log.close()
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close(snapshot=exc[0] is None)
+
+
+def _split_at_forgets(events: Iterable[Event]) -> list[Sequence[Event] | UserForgotten]:
+    """[a, b, forget, c] -> [[a, b], forget, [c]]; empty runs are dropped."""
+    out: list[Sequence[Event] | UserForgotten] = []
+    run: list[Event] = []
+    for event in events:
+        if isinstance(event, UserForgotten):
+            if run:
+                out.append(run)
+                run = []
+            out.append(event)
+        else:
+            run.append(event)
+    if run:
+        out.append(run)
+    return out
