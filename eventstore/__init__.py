@@ -26,7 +26,7 @@ from eventstore.schema import (
 )
 from eventstore.snapshots import SnapshotStore
 from eventstore.state import State
-from eventstore.store import Store
+from eventstore.store import IngestResult, Store
 
 __all__ = [
     "DEFAULT_WEIGHTS",
@@ -41,6 +41,7 @@ __all__ = [
     "EventRejectedError",
     "FoldConfig",
     "GroupCommitter",
+    "IngestResult",
     "Limits",
     "Rejection",
     "SchemaVersionError",

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
@@ -19,15 +20,23 @@ import structlog
 from eventstore._config import FoldConfig
 from eventstore.fold import project
 from eventstore.log import AppendResult, EventLog, Positions, Synchronous
-from eventstore.schema import Event, UserForgotten
+from eventstore.schema import Event, EventDecoder, Rejection, UserForgotten
 from eventstore.snapshots import SnapshotStore
 from eventstore.state import State
 
-__all__ = ["Store"]
+__all__ = ["IngestResult", "Store"]
 
 LOG_FILE: Final = "events.db"
 SNAPSHOT_DIR: Final = "snapshots"
 _log = structlog.get_logger("eventstore.store")
+
+
+@dataclass(frozen=True, slots=True)
+class IngestResult:
+    """What :meth:`Store.ingest` did with one raw input."""
+
+    appended: AppendResult
+    rejected: list[Rejection]
 
 
 class Store:
@@ -45,12 +54,14 @@ class Store:
         snapshot_every: write a snapshot after this many appended events (0: never
             automatically).
         keep_snapshots: how many snapshot files to keep.
+        decoder: the decoder :meth:`ingest` uses (its limits and clock).
     """
 
     def __init__(self, directory: str | os.PathLike[str], *, fold: FoldConfig | None = None,
                  synchronous: Synchronous = "FULL", snapshot_every: int = 100_000,
-                 keep_snapshots: int = 2) -> None:
+                 keep_snapshots: int = 2, decoder: EventDecoder | None = None) -> None:
         self.directory = Path(directory)
+        self.decoder = decoder or EventDecoder()
         self.config = fold or FoldConfig()
         self.log = EventLog(self.directory / LOG_FILE, synchronous=synchronous)
         self.snapshots = SnapshotStore(self.directory / SNAPSHOT_DIR, keep=keep_snapshots)
@@ -86,6 +97,22 @@ class Store:
             project(state, (event for _, event in chunk))
             state.offset = chunk[-1][0]
             total += len(chunk)
+
+    def ingest(self, data: bytes, *, source: str, positions: Positions | None = None,
+               ingest_ts: float | None = None) -> IngestResult:
+        """
+        Decode raw JSON (one event or a list), keep what is invalid in the dead-letter
+        table with its reason, and append the valid events with ``positions``.
+
+        The dead letters are committed before the events and positions, so a crash
+        in between can only repeat a dead letter, never lose one.
+        """
+        decoded = self.decoder.decode(data)
+        if decoded.rejected:
+            self.log.dead_letters([(r.raw, str(r.error)) for r in decoded.rejected],
+                                  source=source)
+        return IngestResult(self.append(decoded.events, positions=positions,
+                                        ingest_ts=ingest_ts), decoded.rejected)
 
     def append(self, events: Sequence[Event], *, positions: Positions | None = None,
                ingest_ts: float | None = None) -> AppendResult:
