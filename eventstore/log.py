@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Final, Literal
+from typing import Any, Final, Literal
 
 import sqlite_utils
 
@@ -50,6 +50,7 @@ ACCEPTED: Final = "accepted"
 DUPLICATE: Final = "duplicate"
 ERASED: Final = "erased"
 _MAX_DEAD_LETTER_BYTES: Final = 1 << 20
+_TYPE_NAMES: Final = EVENT_TYPES
 
 
 @dataclass(frozen=True, slots=True)
@@ -232,29 +233,21 @@ class EventLog:
             ValueError: a ``forget`` event was passed (use :meth:`forget`).
         """
         self._check_usable()
+        if any(type(e) is UserForgotten for e in events):
+            msg = "type: forget events are not appended; call EventLog.forget"
+            raise ValueError(msg)
         now = time.time() if ingest_ts is None else ingest_ts
-        rows = []
         off = self._next
-        tomb = self._tombstones
-        erased: set[int] = set()
-        for k, event in enumerate(events):
-            if isinstance(event, UserForgotten):
-                msg = "type: forget events are not appended; call EventLog.forget"
-                raise ValueError(msg)
-            user = getattr(event, "user", None)
-            if tomb and user is not None and self._user_hash(user) in tomb:
-                erased.add(k)
-                continue
-            rows.append((off + k, event.id, EVENT_TYPES[event.code], user, event.ts, now,
-                         encode_event(event)))
-        inserted = self._write(rows, off + len(events), positions or {}, now)
-        # Each event k was offered offset next+k. INSERT OR IGNORE skipped duplicate ids
-        # (the UNIQUE index is the idempotency check); only when something was skipped
-        # do we ask which offsets exist. Skipped offsets stay unused: offsets are
-        # strictly increasing, not dense.
-        present = None if inserted == len(rows) else self._present(off, off + len(events))
+        erased = self._erased(events) if self._tombstones else set()
+        rows = [(off + k, e.id, _TYPE_NAMES[e.code], getattr(e, "user", None), e.ts, now,
+                 encode_event(e)) for k, e in enumerate(events) if k not in erased]
+        present = self._write(rows, positions or {}, now)
+        if present is None and not erased:  # the common case: everything went in
+            offsets: list[int | None] = list(range(off, off + len(events)))
+            return AppendResult([ACCEPTED] * len(events), offsets,
+                                list(zip(range(off, off + len(events)), events, strict=True)))
         status: list[str] = []
-        offsets: list[int | None] = []
+        offsets = []
         appended: list[tuple[int, Event]] = []
         for k, event in enumerate(events):
             o = off + k
@@ -268,24 +261,44 @@ class EventLog:
                 status.append(ACCEPTED)
                 offsets.append(o)
                 appended.append((o, event))
-        self._next = off + len(events)
         return AppendResult(status, offsets, appended)
+
+    def _erased(self, events: Sequence[Event]) -> set[int]:
+        """Positions of events whose user has a tombstone."""
+        users = {getattr(e, "user", None) for e in events} - {None}
+        gone = {u for u in users if self._user_hash(u) in self._tombstones}  # type: ignore[arg-type]
+        return {k for k, e in enumerate(events) if getattr(e, "user", None) in gone} if gone else set()
 
     def _present(self, lo: int, hi: int) -> set[int]:
         rows = self._conn.execute(
             "SELECT log_offset FROM events WHERE log_offset >= ? AND log_offset < ?", (lo, hi))
         return {r[0] for r in rows}
 
-    def _write(self, rows: list[tuple[object, ...]], next_offset: int, positions: Positions,
-               now: float) -> int:
-        """One transaction: the rows, the high-water mark, the positions. Returns rows inserted."""
+    def _write(self, rows: list[tuple[Any, ...]], positions: Positions,
+               now: float) -> set[int] | None:
+        """
+        One transaction: the rows, the high-water mark, the positions.
+
+        Row k was offered offset ``next + k``; ``INSERT OR IGNORE`` skips duplicate
+        ids (the UNIQUE index is the idempotency check). Returns ``None`` when every
+        row went in (the common case, decided without a query), else the offsets
+        that did. Offsets are strictly increasing, not dense: a skipped one is not
+        reused, except at the tail, where the high-water mark stays at the last
+        inserted row.
+        """
         if not rows and not positions:
-            return 0
+            return set()
+        present: set[int] | None = None
         try:
             with _transaction(self._conn):
                 before = self._conn.total_changes
                 self._conn.executemany("INSERT OR IGNORE INTO events VALUES (?,?,?,?,?,?,?)", rows)
-                inserted = self._conn.total_changes - before
+                if not rows:
+                    present = set()
+                elif self._conn.total_changes - before != len(rows):
+                    present = self._present(rows[0][0], rows[-1][0] + 1)
+                next_offset = (rows[-1][0] + 1 if present is None
+                               else max(present, default=self._next - 1) + 1)
                 self._conn.execute("UPDATE meta SET value=? WHERE key='next_offset'",
                                    (str(next_offset),))
                 self._conn.executemany(
@@ -294,7 +307,8 @@ class EventLog:
                      for (feed, part), pos in positions.items()])
         except sqlite3.Error as e:
             raise self._translate(e) from e
-        return inserted
+        self._next = next_offset
+        return present
 
     def _translate(self, error: sqlite3.Error) -> StoreError:
         code = getattr(error, "sqlite_errorcode", 0) & 0xFF

@@ -269,7 +269,8 @@ class State:
             "categories": len(self.category_ids), "interactions": interactions,
             "impressions": int(self._impressions[:n].sum()),
             "bytes_per_user": self.bytes_per_user(), "seq_len": self.L,
-            "top_items": [{"item": self.item_ids[i], "popularity": round(float(now_pop[i]), 3)}
+            "top_items": [{"item": self.item_ids[i], "popularity": round(float(now_pop[i]), 3),
+                           "title": self.item_fields.get(int(i), {}).get("title")}
                           for i in best],
         }
 
