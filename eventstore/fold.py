@@ -166,7 +166,8 @@ def _shown(event: ItemsShown, s: State) -> None:
     if event.ts > s.last_ts[u]:
         s.last_ts[u] = event.ts
     for item in event.items:
-        s.impressions[s.item_slot(item)] += 1
+        i = s.item_slot(item)  # first: a new item may grow (reallocate) the columns
+        s.impressions[i] += 1
 
 
 @_apply.register

@@ -21,7 +21,7 @@ import os
 import sqlite3
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final, Literal
@@ -145,14 +145,21 @@ def _migrate(conn: sqlite3.Connection, path: str,
 
 @contextmanager
 def _transaction(conn: sqlite3.Connection) -> Iterator[None]:
-    """BEGIN IMMEDIATE ... COMMIT; roll back on any exception, KeyboardInterrupt included."""
+    """
+    BEGIN IMMEDIATE ... COMMIT; roll back on any exception, KeyboardInterrupt included.
+
+    SQLite may already have rolled back by itself (SQLITE_FULL, SQLITE_IOERR): then
+    there is nothing to roll back, and the original error is the one that matters.
+    """
     conn.execute("BEGIN IMMEDIATE")
     try:
         yield
+        conn.execute("COMMIT")
     except BaseException:
-        conn.execute("ROLLBACK")
+        if conn.in_transaction:
+            with suppress(sqlite3.Error):  # never mask the error that got us here
+                conn.execute("ROLLBACK")
         raise
-    conn.execute("COMMIT")
 
 
 # --- the log -------------------------------------------------------------------------
@@ -384,9 +391,18 @@ class EventLog:
         try:
             with _transaction(self._conn):
                 n = self._conn.execute("DELETE FROM events WHERE log_offset < ?", (offset,)).rowcount
+                # From now on the log alone no longer rebuilds the state (see is_complete).
+                self._conn.execute("INSERT OR REPLACE INTO meta VALUES ('truncated_before', ?)",
+                                   (str(offset),))
         except sqlite3.Error as e:
             raise self._translate(e) from e
         return n
+
+    @property
+    def is_complete(self) -> bool:
+        """Whether the log still holds every event ever appended (retention never ran)."""
+        row = self._conn.execute("SELECT 1 FROM meta WHERE key = 'truncated_before'").fetchone()
+        return row is None
 
     # --- reading ------------------------------------------------------------------------
 

@@ -303,7 +303,7 @@ class EventDecoder:
             events = _many.decode(data)
         except (msgspec.MsgspecError, UnicodeDecodeError, RecursionError):
             return self._decode_each(data)
-        return self._checked(events)
+        return self._checked(data, events)
 
     def _has_oversized(self, data: bytes) -> bool:
         """Whether some element of a JSON list is over the event size limit (or unparsable)."""
@@ -312,19 +312,15 @@ class EventDecoder:
         except (msgspec.MsgspecError, UnicodeDecodeError, RecursionError):
             return True
 
-    def _checked(self, events: list[Event]) -> DecodeResult:
+    def _checked(self, data: bytes, events: list[Event]) -> DecodeResult:
         horizon = self._clock() + self.limits.max_future_skew_s
-        good: list[Event] = []
-        bad: list[Rejection] = []
-        for i, event in enumerate(events):
-            try:
+        try:
+            for event in events:
                 self._check(event, horizon)
-            except EventRejectedError as e:
-                e.index = i
-                bad.append(Rejection(i, encode_event(event), e))
-            else:
-                good.append(event)
-        return DecodeResult(good, bad)
+        except EventRejectedError:
+            # rare: redo element by element, so each rejection keeps the bytes that arrived
+            return self._decode_each(data)
+        return DecodeResult(events, [])
 
     def _decode_each(self, data: bytes) -> DecodeResult:
         try:
@@ -391,6 +387,8 @@ def _translate(error: Exception, data: bytes) -> EventRejectedError:
     if isinstance(error, RecursionError):
         return EventRejectedError("json", "nested too deeply")
     text = str(error)
+    if not data.strip():
+        return EventRejectedError("json", "empty input")
     if not isinstance(error, msgspec.ValidationError):  # malformed JSON, not a rule
         detail = text.removeprefix("JSON is malformed: ")
         return EventRejectedError("json", f"malformed ({detail})")
@@ -432,8 +430,9 @@ def _rule_for(what: str, field: str, kind: str | None) -> EventRejectedError:  #
                                   f"unknown field{for_type}")
     if field == "type":
         return EventRejectedError("type", f"expected one of {', '.join(EVENT_TYPES)}")
-    if field in {"context", "fields"} or field.startswith(("context.", "fields.")):
-        return EventRejectedError(field.split(".")[0], _FLAT_RULE)
+    root = field.split(".")[0].split("[")[0]
+    if root in {"context", "fields"}:
+        return EventRejectedError(root, _FLAT_RULE)
     if what == "Number out of range" or (field == "ts" and "`float`" in what):
         return _number_rule(what, field)
     if "of length <=" in what:

@@ -66,6 +66,7 @@ class Store:
         self.log = EventLog(self.directory / LOG_FILE, synchronous=synchronous)
         self.snapshots = SnapshotStore(self.directory / SNAPSHOT_DIR, keep=keep_snapshots)
         self.snapshot_every = snapshot_every
+        self._closed = False
         self.state = self._restore()
         self._since_snapshot = 0
 
@@ -76,8 +77,10 @@ class Store:
         if state is None:
             state = State(self.config)
         erased = [u for u in state.user_index if self.log.is_forgotten(u)]
-        for user in erased:
-            state.drop_user(user)
+        if erased:
+            # An erasure was interrupted after the log forgot these users but before
+            # the snapshots were rewritten: finish it.
+            state = self._without(state, erased)
         replayed = self.replay(state)
         if erased:
             self.snapshots.write(state)
@@ -85,6 +88,26 @@ class Store:
         _log.info("state_restored", from_snapshot=from_snapshot, offset=state.offset,
                   replayed=replayed, users=len(state.user_index), items=state.n_items,
                   seconds=round(time.perf_counter() - started, 3))
+        return state
+
+    def _without(self, state: State, users: Iterable[str]) -> State:
+        """
+        ``state`` with ``users`` erased.
+
+        While the log is complete the answer is a fresh fold of it (the users' events
+        are already deleted there), so the state stays exactly a cache of the log:
+        the items' counters and popularity no longer include the users either. Once
+        retention has deleted old events, the log alone cannot rebuild the state; the
+        users' rows are dropped and their anonymous share of item statistics stays.
+        """
+        if self.log.is_complete:
+            fresh = State(self.config)
+            self.replay(fresh)
+            # the erased events may have been the newest: the state still covers them
+            fresh.offset = max(fresh.offset, state.offset)
+            return fresh
+        for user in users:
+            state.drop_user(user)
         return state
 
     def replay(self, state: State, *, batch: int = 10_000) -> int:
@@ -164,18 +187,27 @@ class Store:
         """
         Erase ``user`` from the log, the state and every snapshot, and keep a tombstone.
 
+        Cost: while the log is complete, a replay of the whole log (the state is
+        rebuilt without the user, see :meth:`_without`); afterwards, constant.
+
         Returns:
             How many of the user's events were deleted from the log.
         """
+        started = time.perf_counter()
         deleted = self.log.forget(user)
-        self.state.drop_user(user)
+        self.state = self._without(self.state, [user])
         # Old snapshots still hold the user: replace them all by one written now.
         self.snapshot()
         self.snapshots.drop_all_but_newest()
+        _log.info("user_forgotten", events_deleted=deleted,
+                  seconds=round(time.perf_counter() - started, 3))
         return deleted
 
     def close(self, *, snapshot: bool = True) -> None:
-        """Optionally snapshot, then checkpoint and close the log."""
+        """Optionally snapshot, then checkpoint and close the log. Closing twice is a no-op."""
+        if self._closed:
+            return
+        self._closed = True
         if snapshot and self._since_snapshot:
             self.snapshot()
         self.log.close()
