@@ -93,7 +93,7 @@ def load_config(path: str | Path | None = None) -> Config:
 def _section(source: str, name: str, cls: type, values: Any) -> Any:
     if not isinstance(values, dict):
         raise ConfigError(source, f"[{name}]", "expected a table")
-    assert is_dataclass(cls)  # noqa: S101
+    assert is_dataclass(cls)
     hints = typing.get_type_hints(cls)
     known = {f.name for f in fields(cls)}
     kwargs: dict[str, Any] = {}

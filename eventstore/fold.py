@@ -90,7 +90,7 @@ def _interaction(event: Interaction, s: State) -> None:
     s.seq_head[u] = head + 1 if head + 1 < s.L else 0
     s.n_events[u] += 1
     s.counts[u * N_COUNTS + code] += 1
-    if ts > s.last_ts[u]:
+    if ts > s.last_ts[u]:  # noqa: PLR1730 - a compare is cheaper than max() here
         s.last_ts[u] = ts
     # seen: set the item's three Bloom-filter bits (byte offsets and masks precomputed)
     seen = s.seen
@@ -163,8 +163,7 @@ def _bump_interest(s: State, u: int, cat: int, w: float, ts: float, inv_h: float
 def _shown(event: ItemsShown, s: State) -> None:
     u = s.user_slot(event.user)
     s.counts[u * N_COUNTS + _IMPRESSION] += 1
-    if event.ts > s.last_ts[u]:
-        s.last_ts[u] = event.ts
+    s.last_ts[u] = max(s.last_ts[u], event.ts)
     for item in event.items:
         i = s.item_slot(item)  # first: a new item may grow (reallocate) the columns
         s.impressions[i] += 1

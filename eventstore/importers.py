@@ -92,7 +92,7 @@ def sasrec_events(path: str | Path, *, event_type: str = "view",
             parts = line.split()
             if not parts:
                 continue
-            if len(parts) != 2 or not all(p.isdigit() for p in parts):  # noqa: PLR2004
+            if len(parts) != 2 or not all(p.isdigit() for p in parts):
                 msg = f"{path}:{n}: expected 'user item' (two integers)"
                 raise ValueError(msg)
             user, item = parts
@@ -161,7 +161,7 @@ def movielens_events(path: str | Path) -> tuple[list[Event], float]:
     with ratings_file.open(encoding="latin-1") as lines:
         for n, line in enumerate(lines, start=1):
             parts = line.strip().split(sep)
-            if len(parts) != 4:  # noqa: PLR2004
+            if len(parts) != 4:
                 if not line.strip():
                     continue
                 msg = f"{ratings_file}:{n}: expected user{sep}item{sep}rating{sep}timestamp"
@@ -230,4 +230,4 @@ def _flush(store: Store, events: list[Event]) -> tuple[int, int]:
     return result.accepted, result.duplicates
 
 
-assert set(_INTERACTION_CLASSES) == set(INTERACTION_TYPES) <= set(EVENT_TYPES)  # noqa: S101
+assert set(_INTERACTION_CLASSES) == set(INTERACTION_TYPES) <= set(EVENT_TYPES)

@@ -160,7 +160,7 @@ class ItemUpdated(Event, frozen=True, tag="item"):
 
     code = 9
     item: Id
-    fields: Flat = {}  # noqa: RUF012 - msgspec copies mutable defaults per instance
+    fields: Flat = {}
 
 
 class UserForgotten(Event, frozen=True, tag="forget"):
@@ -174,7 +174,7 @@ AnyEvent = Union[  # noqa: UP007
     Viewed, Clicked, AddedToCart, Purchased, Rated, Liked, Disliked, Skipped,
     ItemsShown, ItemUpdated, UserForgotten,
 ]
-assert tuple(c.__struct_config__.tag for c in AnyEvent.__args__) == EVENT_TYPES  # noqa: S101
+assert tuple(c.__struct_config__.tag for c in AnyEvent.__args__) == EVENT_TYPES
 
 #: Known item fields and the rule each must satisfy; other keys are free-form.
 _ITEM_FIELD_RULES: Final[dict[str, tuple[Callable[[Any], bool], str]]] = {
@@ -430,7 +430,7 @@ def _rule_for(what: str, field: str, kind: str | None) -> EventRejectedError:  #
                                   f"unknown field{for_type}")
     if field == "type":
         return EventRejectedError("type", f"expected one of {', '.join(EVENT_TYPES)}")
-    root = field.split(".")[0].split("[")[0]
+    root = field.split(".", maxsplit=1)[0].split("[", maxsplit=1)[0]
     if root in {"context", "fields"}:
         return EventRejectedError(root, _FLAT_RULE)
     if what == "Number out of range" or (field == "ts" and "`float`" in what):

@@ -325,7 +325,7 @@ class State:
         pos = 8 + size
         for columns, n in ((_USER_COLUMNS, len(users)), (_ITEM_COLUMNS, len(items))):
             for name, dtype, width in columns:
-                count = n * state._width(width)  # noqa: SLF001 - same class
+                count = n * state._width(width)
                 nbytes = count * np.dtype(dtype).itemsize
                 chunk = np.frombuffer(data, dtype=dtype, count=count, offset=pos)
                 state.array(name)[:count] = chunk
