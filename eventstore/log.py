@@ -95,6 +95,13 @@ class DeadLetter:
     raw: bytes
 
 
+def _checked_position(position: Position) -> Position:
+    if isinstance(position, bool) or not isinstance(position, int | str):
+        msg = f"positions: expected an int (Kafka offset) or a str (mark), got {type(position).__name__}"
+        raise TypeError(msg)
+    return position
+
+
 # --- schema and migrations --------------------------------------------------------
 
 def _create_v1(db: sqlite_utils.Database) -> None:
@@ -107,7 +114,10 @@ def _create_v1(db: sqlite_utils.Database) -> None:
     # it would slow every append for the sake of rare erasures, which scan instead.
     db["events"].create_index(["id"], unique=True, index_name="events_id")
     db["feed_positions"].create(
-        {"feed": str, "partition": str, "position": str, "log_offset": int, "updated_ts": float},
+        # position is declared BLOB, which in SQLite means "no affinity": an int stays an
+        # int and a str a str (Kafka offsets vs MQTT marks), with no guessing on read.
+        {"feed": str, "partition": str, "position": bytes, "log_offset": int,
+         "updated_ts": float},
         pk=("feed", "partition"),
     )
     db["dead_letters"].create(
@@ -310,7 +320,7 @@ class EventLog:
                                    (str(next_offset),))
                 self._conn.executemany(
                     "INSERT OR REPLACE INTO feed_positions VALUES (?,?,?,?,?)",
-                    [(feed, part, str(pos), next_offset - 1, now)
+                    [(feed, part, _checked_position(pos), next_offset - 1, now)
                      for (feed, part), pos in positions.items()])
         except sqlite3.Error as e:
             raise self._translate(e) from e
@@ -428,7 +438,7 @@ class EventLog:
         """The stored feed positions, optionally of one feed."""
         sql = "SELECT feed, partition, position FROM feed_positions"
         rows = self._conn.execute(sql + " WHERE feed = ?", (feed,)) if feed else self._conn.execute(sql)
-        return {(f, p): int(v) if v.lstrip("-").isdigit() else v for f, p, v in rows}
+        return {(f, p): v for f, p, v in rows}
 
     def read_dead_letters(self, *, limit: int = 100) -> list[DeadLetter]:
         """The most recent dead letters, newest first."""
