@@ -41,6 +41,7 @@ __all__ = ["apply", "project"]
 _CLICK: Final = EVENT_TYPES.index("click")
 _IMPRESSION: Final = EVENT_TYPES.index("impression")
 _PURCHASE: Final = Purchased.code
+_REANCHOR_HALF_LIVES: Final = 64.0  # float32 holds 2**64 times a weight with room to spare
 
 
 def apply(state: State, event: Event) -> State:
@@ -126,44 +127,52 @@ def _weight(s: State, event: Interaction) -> float:
     return w
 
 
-def _bump_interest(s: State, u: int, cat: int, w: float, ts: float, inv_h: float) -> None:  # noqa: PLR0913
-    """Add weight ``w`` at time ``ts`` to the user's interest in category ``cat``."""
-    k = s.K
-    lo, hi = u * k, (u + 1) * k
-    ref = s.cat_ts[u]
+def _bump_interest(s: State, u: int, cat: int, w: float, ts: float, inv_h: float) -> None:  # noqa: PLR0913, PLR0917
+    """
+    Add weight ``w`` at time ``ts`` to the user's interest in category ``cat``.
+
+    The K weights are stored scaled to an anchor time ``cat_ts`` (interest at T =
+    ``cat_w * 2**(-(T - cat_ts)/h)``), so an event costs one slot update, not K
+    multiplications; the anchor moves (and the K weights are rescaled) only once the
+    scale passes 2**64, i.e. every 64 half-lives. Slots are compared on the same
+    scale, so the weakest slot is evicted for a stronger newcomer.
+    """
+    lo = u * s.K
+    hi = lo + s.K
     cat_w = s.cat_w
-    if ts >= ref:
-        f = exp2((ref - ts) * inv_h)
+    anchor = s.cat_ts[u]
+    if anchor == 0.0:
+        s.cat_ts[u] = anchor = ts
+    e = (ts - anchor) * inv_h
+    if e > _REANCHOR_HALF_LIVES:
+        f = exp2(-e)
         for j in range(lo, hi):
             cat_w[j] *= f
         s.cat_ts[u] = ts
+        e = 0.0
+    w *= exp2(e)
+    slots = s.cat_idx[lo:hi].tolist()
+    if cat in slots:
+        cat_w[lo + slots.index(cat)] += w
+        return
+    if -1 in slots:
+        j = lo + slots.index(-1)
     else:
-        w *= exp2((ts - ref) * inv_h)
-    cat_idx = s.cat_idx
-    free = weakest = -1
-    weakest_w = float("inf")
-    for j in range(lo, hi):
-        c = cat_idx[j]
-        if c == cat:
-            cat_w[j] += w
-            return
-        if c < 0:
-            if free < 0:
-                free = j
-        elif abs(cat_w[j]) < weakest_w:
-            weakest, weakest_w = j, abs(cat_w[j])
-    slot = free if free >= 0 else weakest
-    if free < 0 and abs(w) < weakest_w:
-        return  # the newcomer is weaker than everything kept
-    cat_idx[slot] = cat
-    cat_w[slot] = w
+        strength = [abs(x) for x in cat_w[lo:hi].tolist()]
+        weakest = min(strength)
+        if abs(w) < weakest:
+            return  # the newcomer is weaker than everything kept
+        j = lo + strength.index(weakest)
+    s.cat_idx[j] = cat
+    cat_w[j] = w
 
 
 @_apply.register
 def _shown(event: ItemsShown, s: State) -> None:
     u = s.user_slot(event.user)
     s.counts[u * N_COUNTS + _IMPRESSION] += 1
-    s.last_ts[u] = max(s.last_ts[u], event.ts)
+    if event.ts > s.last_ts[u]:  # noqa: PLR1730 - same form as in _interaction
+        s.last_ts[u] = event.ts
     for item in event.items:
         i = s.item_slot(item)  # first: a new item may grow (reallocate) the columns
         s.impressions[i] += 1

@@ -20,8 +20,8 @@ n_events       uint32      interactions folded so far
 counts         uint32[9]   events per type (8 interactions + impressions)
 last_ts        float64     latest event time seen for the user
 cat_idx        int32[K]    category-interest slots (-1 = empty)
-cat_w          float32[K]  decayed interest per slot, as of ``cat_ts``
-cat_ts         float64     reference time of ``cat_w``
+cat_w          float32[K]  decayed interest per slot, scaled to ``cat_ts``
+cat_ts         float64     anchor time of ``cat_w`` (interest at T = w * 2**(-(T-cat_ts)/h))
 bought         int32[P]    ring of the last P purchased item indices (-1 = empty)
 bought_head    uint8       next write position in it
 seen           uint8[128]  1024-bit Bloom filter of every item interacted with
