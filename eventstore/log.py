@@ -29,7 +29,7 @@ from typing import Any, Final, Literal
 import sqlite_utils
 
 from eventstore._errors import SchemaVersionError, StoreError, StoreFullError
-from eventstore.schema import EVENT_TYPES, Event, UserForgotten, decode_stored, encode_event
+from eventstore.schema import EVENT_TYPES, Event, UserForgotten, decode_stored_many, encode_event
 
 __all__ = [
     "MIGRATIONS",
@@ -423,13 +423,25 @@ class EventLog:
 
     def read(self, *, after: int = 0, limit: int | None = None) -> Iterator[tuple[int, Event]]:
         """(offset, event) for every event with an offset above ``after``, in order."""
+        for offsets, events in self.read_chunks(after=after, limit=limit):
+            yield from zip(offsets, events, strict=True)
+
+    def read_chunks(self, *, after: int = 0, limit: int | None = None,
+                    size: int = 4096) -> Iterator[tuple[list[int], list[Event]]]:
+        """
+        The events above ``after`` in chunks of up to ``size``: (offsets, events).
+
+        Each chunk is decoded in one msgspec call; replay uses this directly.
+        """
         sql = "SELECT log_offset, body FROM events WHERE log_offset > ? ORDER BY log_offset"
         params: tuple[int, ...] = (after,)
         if limit is not None:
             sql += " LIMIT ?"
             params = (after, limit)
-        for offset, body in self._conn.execute(sql, params):
-            yield offset, decode_stored(body)
+        cursor = self._conn.execute(sql, params)
+        while rows := cursor.fetchmany(size):
+            offsets, bodies = zip(*rows, strict=True)
+            yield list(offsets), decode_stored_many(list(bodies))
 
     def count(self) -> int:
         """Events in the log."""

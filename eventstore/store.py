@@ -110,16 +110,14 @@ class Store:
             state.drop_user(user)
         return state
 
-    def replay(self, state: State, *, batch: int = 10_000) -> int:
+    def replay(self, state: State) -> int:
         """Fold every logged event after ``state.offset`` into ``state``; returns how many."""
         total = 0
-        while True:
-            chunk = list(self.log.read(after=state.offset, limit=batch))
-            if not chunk:
-                return total
-            project(state, (event for _, event in chunk))
-            state.offset = chunk[-1][0]
-            total += len(chunk)
+        for offsets, events in self.log.read_chunks(after=state.offset):
+            project(state, events)
+            state.offset = offsets[-1]
+            total += len(events)
+        return total
 
     def ingest(self, data: bytes, *, source: str, positions: Positions | None = None,
                ingest_ts: float | None = None) -> IngestResult:
