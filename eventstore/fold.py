@@ -10,6 +10,10 @@ The state is a mutable array store (see :mod:`eventstore.state`), not a frozen v
 copying ~1 KiB per user on every event would cost more than the rest of the hot path.
 ``apply`` mutates it in place and returns it; only the fold writes to it.
 
+Interactions (nearly all events) are folded by a compiled kernel
+(:mod:`eventstore._foldkernel`), a run of consecutive ones per call; the rare types
+(impressions, item metadata, erasure) by the plain functions below.
+
 Decay: a decayed quantity ``x`` is kept as its value at a reference time ``t_ref``.
 An event at ``t`` with weight ``w`` does ``x = x * 2**(-(t - t_ref)/h) + w`` and moves
 ``t_ref`` to ``t`` when ``t >= t_ref``; an older event adds ``w * 2**(-(t_ref - t)/h)``
@@ -21,27 +25,33 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from functools import singledispatch
-from math import exp2
 from typing import Final
 
+import numpy as np
+
+from eventstore._foldkernel import fold_interactions
 from eventstore.schema import (
     EVENT_TYPES,
     Event,
     Interaction,
     ItemsShown,
     ItemUpdated,
-    Purchased,
     Rated,
     UserForgotten,
 )
-from eventstore.state import N_COUNTS, SEEN_BYTES, SEQ_EPOCH, State
+from eventstore.state import N_COUNTS, State
 
 __all__ = ["apply", "project"]
 
-_CLICK: Final = EVENT_TYPES.index("click")
 _IMPRESSION: Final = EVENT_TYPES.index("impression")
-_PURCHASE: Final = Purchased.code
-_REANCHOR_HALF_LIVES: Final = 64.0  # float32 holds 2**64 times a weight with room to spare
+_RATING: Final = Rated.code
+_INTERACTIONS: Final = frozenset(Interaction.__subclasses__())
+#: the state columns fold_interactions takes, in its argument order
+_KERNEL_COLUMNS: Final = (
+    "seq_item", "seq_type", "seq_ts", "seq_head", "n_events", "counts", "last_ts",
+    "cat_idx", "cat_w", "cat_ts", "bought", "bought_head", "seen",
+    "pop", "pop_ts", "clicks", "interactions", "crc", "category",
+)
 
 
 def apply(state: State, event: Event) -> State:
@@ -51,120 +61,63 @@ def apply(state: State, event: Event) -> State:
 
 
 def project(state: State, events: Iterable[Event]) -> State:
-    """Fold ``events`` into ``state`` in order (a loop over :func:`apply`)."""
+    """
+    Fold ``events`` into ``state`` in order (a loop over :func:`apply`).
+
+    Runs of consecutive interactions go to the compiled kernel in one call; the
+    other event types (rare) are dispatched one by one.
+    """
     dispatch = _apply.dispatch
     cache: dict[type, Callable[[Event, State], None]] = {}
+    run: list[Interaction] = []
     for event in events:
         cls = type(event)
+        if cls in _INTERACTIONS:
+            run.append(event)  # type: ignore[arg-type]
+            continue
+        if run:
+            _fold_run(state, run)
+            run = []
         fn = cache.get(cls)
         if fn is None:
             fn = cache[cls] = dispatch(cls)
         fn(event, state)
+    if run:
+        _fold_run(state, run)
     return state
 
 
 @singledispatch
-def _apply(event: Event, state: State) -> None:
+def _apply(event: Event, state: State) -> None:  # noqa: ARG001 - dispatch signature
     msg = f"type: no fold rule for {type(event).__name__}"
     raise TypeError(msg)
 
 
 @_apply.register
 def _interaction(event: Interaction, s: State) -> None:
-    # The hottest function of rerankd: written for CPython's speed (locals, no helper
-    # calls on the common path, precomputed Bloom bits); each saves 0.1-0.5 µs an event.
-    u = s.user_index.get(event.user)
-    if u is None:
-        u = s.user_slot(event.user)
-    i = s.item_index.get(event.item)
-    if i is None:
-        i = s.item_slot(event.item)
-    code = event.code
-    ts = event.ts
-    inv_h = s.inv_half_life
-    # the sequence ring
-    head = s.seq_head[u]
-    p = u * s.L + head
-    s.seq_item[p] = i
-    s.seq_type[p] = code
-    s.seq_ts[p] = int(ts) - SEQ_EPOCH  # the decoder bounds ts to fit uint32
-    s.seq_head[u] = head + 1 if head + 1 < s.L else 0
-    s.n_events[u] += 1
-    s.counts[u * N_COUNTS + code] += 1
-    if ts > s.last_ts[u]:  # noqa: PLR1730 - a compare is cheaper than max() here
-        s.last_ts[u] = ts
-    # seen: set the item's three Bloom-filter bits (byte offsets and masks precomputed)
-    seen = s.seen
-    base = u * SEEN_BYTES
-    o1, m1, o2, m2, o3, m3 = s.item_bits[i]
-    seen[base + o1] |= m1
-    seen[base + o2] |= m2
-    seen[base + o3] |= m3
-    if code == _PURCHASE:
-        h = s.bought_head[u]
-        s.bought[u * s.P + h] = i
-        s.bought_head[u] = h + 1 if h + 1 < s.P else 0
-    # decayed category interest
-    cat = s.category[i]
-    if cat >= 0:
-        _bump_interest(s, u, cat, _weight(s, event), ts, inv_h)
-    # item counters and decayed popularity
-    s.interactions[i] += 1
-    if code == _CLICK:
-        s.clicks[i] += 1
-    ref = s.pop_ts[i]
-    if ts >= ref:
-        s.pop[i] = s.pop[i] * exp2((ref - ts) * inv_h) + 1.0
-        s.pop_ts[i] = ts
-    else:
-        s.pop[i] += exp2((ts - ref) * inv_h)
+    _fold_run(s, [event])
 
 
-def _weight(s: State, event: Interaction) -> float:
-    w = s.config.weights[EVENT_TYPES[event.code]]
-    if isinstance(event, Rated):
-        return w * (event.value - s.config.rating_neutral)
-    return w
-
-
-def _bump_interest(s: State, u: int, cat: int, w: float, ts: float, inv_h: float) -> None:  # noqa: PLR0913, PLR0917
-    """
-    Add weight ``w`` at time ``ts`` to the user's interest in category ``cat``.
-
-    The K weights are stored scaled to an anchor time ``cat_ts`` (interest at T =
-    ``cat_w * 2**(-(T - cat_ts)/h)``), so an event costs one slot update, not K
-    multiplications; the anchor moves (and the K weights are rescaled) only once the
-    scale passes 2**64, i.e. every 64 half-lives. Slots are compared on the same
-    scale, so the weakest slot is evicted for a stronger newcomer.
-    """
-    lo = u * s.K
-    hi = lo + s.K
-    cat_w = s.cat_w
-    anchor = s.cat_ts[u]
-    if anchor == 0.0:
-        s.cat_ts[u] = anchor = ts
-    e = (ts - anchor) * inv_h
-    if e > _REANCHOR_HALF_LIVES:
-        f = exp2(-e)
-        for j in range(lo, hi):
-            cat_w[j] *= f
-        s.cat_ts[u] = ts
-        e = 0.0
-    w *= exp2(e)
-    slots = s.cat_idx[lo:hi].tolist()
-    if cat in slots:
-        cat_w[lo + slots.index(cat)] += w
-        return
-    if -1 in slots:
-        j = lo + slots.index(-1)
-    else:
-        strength = [abs(x) for x in cat_w[lo:hi].tolist()]
-        weakest = min(strength)
-        if abs(w) < weakest:
-            return  # the newcomer is weaker than everything kept
-        j = lo + strength.index(weakest)
-    s.cat_idx[j] = cat
-    cat_w[j] = w
+def _fold_run(s: State, run: list[Interaction]) -> None:
+    """Map ids to dense indices (growing the arrays first), then fold in the kernel."""
+    user_index, item_index = s.user_index, s.item_index
+    users: list[int] = []
+    items: list[int] = []
+    for event in run:
+        u = user_index.get(event.user)
+        users.append(s.user_slot(event.user) if u is None else u)
+        i = item_index.get(event.item)
+        items.append(s.item_slot(event.item) if i is None else i)
+    by_code = s.weight_by_code
+    neutral = s.config.rating_neutral
+    weights = [by_code[e.code] * (e.value - neutral) if e.code == _RATING  # type: ignore[operator]
+               else by_code[e.code] for e in run]
+    fold_interactions(
+        np.array(users, dtype=np.int64), np.array(items, dtype=np.int64),
+        np.array([e.code for e in run], dtype=np.int64),
+        np.array([e.ts for e in run], dtype=np.float64), np.array(weights, dtype=np.float64),
+        *(s.array(name) for name in _KERNEL_COLUMNS),
+        s.L, s.K, s.P, s.inv_half_life)
 
 
 @_apply.register
