@@ -1,5 +1,5 @@
 """
-The fold of interaction events, compiled with numba.
+The fold of interactions and impressions, compiled with numba.
 
 Interactions are nearly every event, and folding one in CPython cost 6-8 µs (about
 40 element reads and writes through the interpreter): more than decoding and the
@@ -30,6 +30,7 @@ __all__ = ["fold_interactions"]
 
 _CLICK: Final = 1
 _PURCHASE: Final = 3
+_IMPRESSION: Final = 8
 _N_COUNTS: Final = 9
 _SEEN_BYTES: Final = 128
 _SEEN_MASK: Final = 1023
@@ -105,16 +106,20 @@ def fold_interactions(  # noqa: PLR0913, PLR0917
         cat_idx: np.ndarray, cat_w: np.ndarray, cat_ts: np.ndarray,
         bought: np.ndarray, bought_head: np.ndarray, seen: np.ndarray,
         pop: np.ndarray, pop_ts: np.ndarray, clicks: np.ndarray, interactions: np.ndarray,
-        crc: np.ndarray, category: np.ndarray,
+        impressions: np.ndarray, crc: np.ndarray, category: np.ndarray,
         seq_len: int, k: int, p: int, inv_h: float) -> None:
     """
-    Fold ``len(users)`` interactions, in order, into the state columns.
+    Fold ``len(users)`` rows, in order, into the state columns.
+
+    A row is an interaction, or one shown item of an impression (code 8).
 
     Args:
         users, items: dense indices, int64 ``[n]``.
         codes: event-type codes, int64 ``[n]``.
         ts: event times, float64 ``[n]``.
-        weights: interest weight of each event (ratings already relative to neutral).
+        weights: interest weight of each interaction (ratings already relative to
+            neutral); for impression rows 1.0 on the first item of an impression
+            (count it once for the user), else 0.0.
         seq_item ... category: the state's columns (see eventstore.state).
         seq_len, k, p: L, K and P of the fold configuration.
         inv_h: 1 / half-life in seconds.
@@ -124,6 +129,13 @@ def fold_interactions(  # noqa: PLR0913, PLR0917
         i = items[n]
         code = codes[n]
         t = ts[n]
+        if code == _IMPRESSION:
+            if weights[n] > 0.0:
+                counts[u * _N_COUNTS + _IMPRESSION] += 1
+                if t > last_ts[u]:
+                    last_ts[u] = t
+            impressions[i] += 1
+            continue
         # the sequence ring
         head = seq_head[u]
         pos = u * seq_len + head

@@ -39,18 +39,18 @@ from eventstore.schema import (
     Rated,
     UserForgotten,
 )
-from eventstore.state import N_COUNTS, State
+from eventstore.state import State
 
 __all__ = ["apply", "project"]
 
 _IMPRESSION: Final = EVENT_TYPES.index("impression")
 _RATING: Final = Rated.code
-_INTERACTIONS: Final = frozenset(Interaction.__subclasses__())
+_KERNEL_TYPES: Final = frozenset({*Interaction.__subclasses__(), ItemsShown})
 #: the state columns fold_interactions takes, in its argument order
 _KERNEL_COLUMNS: Final = (
     "seq_item", "seq_type", "seq_ts", "seq_head", "n_events", "counts", "last_ts",
     "cat_idx", "cat_w", "cat_ts", "bought", "bought_head", "seen",
-    "pop", "pop_ts", "clicks", "interactions", "crc", "category",
+    "pop", "pop_ts", "clicks", "interactions", "impressions", "crc", "category",
 )
 
 
@@ -64,15 +64,15 @@ def project(state: State, events: Iterable[Event]) -> State:
     """
     Fold ``events`` into ``state`` in order (a loop over :func:`apply`).
 
-    Runs of consecutive interactions go to the compiled kernel in one call; the
-    other event types (rare) are dispatched one by one.
+    Runs of consecutive interactions and impressions go to the compiled kernel in one
+    call; the other event types (rare) are dispatched one by one.
     """
     dispatch = _apply.dispatch
     cache: dict[type, Callable[[Event, State], None]] = {}
-    run: list[Interaction] = []
+    run: list[Interaction | ItemsShown] = []
     for event in events:
         cls = type(event)
-        if cls in _INTERACTIONS:
+        if cls in _KERNEL_TYPES:
             run.append(event)  # type: ignore[arg-type]
             continue
         if run:
@@ -98,37 +98,54 @@ def _interaction(event: Interaction, s: State) -> None:
     _fold_run(s, [event])
 
 
-def _fold_run(s: State, run: list[Interaction]) -> None:
-    """Map ids to dense indices (growing the arrays first), then fold in the kernel."""
-    user_index, item_index = s.user_index, s.item_index
-    users: list[int] = []
-    items: list[int] = []
-    for event in run:
-        u = user_index.get(event.user)
-        users.append(s.user_slot(event.user) if u is None else u)
-        i = item_index.get(event.item)
-        items.append(s.item_slot(event.item) if i is None else i)
-    by_code = s.weight_by_code
-    neutral = s.config.rating_neutral
-    weights = [by_code[e.code] * (e.value - neutral) if e.code == _RATING  # type: ignore[operator]
-               else by_code[e.code] for e in run]
-    fold_interactions(
-        np.array(users, dtype=np.int64), np.array(items, dtype=np.int64),
-        np.array([e.code for e in run], dtype=np.int64),
-        np.array([e.ts for e in run], dtype=np.float64), np.array(weights, dtype=np.float64),
-        *(s.array(name) for name in _KERNEL_COLUMNS),
-        s.L, s.K, s.P, s.inv_half_life)
-
-
 @_apply.register
 def _shown(event: ItemsShown, s: State) -> None:
-    u = s.user_slot(event.user)
-    s.counts[u * N_COUNTS + _IMPRESSION] += 1
-    if event.ts > s.last_ts[u]:  # noqa: PLR1730 - same form as in _interaction
-        s.last_ts[u] = event.ts
-    for item in event.items:
-        i = s.item_slot(item)  # first: a new item may grow (reallocate) the columns
-        s.impressions[i] += 1
+    _fold_run(s, [event])
+
+
+def _fold_run(s: State, run: list[Interaction | ItemsShown]) -> None:
+    """
+    Map ids to dense indices in event order (growing the arrays first), then fold the
+    run in the kernel. An impression of m items becomes m rows of code 8; its first
+    row carries weight 1 (count the impression once for the user), the others 0.
+    """
+    user_index, item_index = s.user_index, s.item_index
+    by_code = s.weight_by_code
+    neutral = s.config.rating_neutral
+    users: list[int] = []
+    items: list[int] = []
+    codes: list[int] = []
+    times: list[float] = []
+    weights: list[float] = []
+    for event in run:
+        u = user_index.get(event.user)
+        if u is None:
+            u = s.user_slot(event.user)
+        if type(event) is ItemsShown:
+            first = 1.0
+            for item in event.items:
+                i = item_index.get(item)
+                items.append(s.item_slot(item) if i is None else i)
+                weights.append(first)
+                first = 0.0
+            n = len(event.items)
+            users += [u] * n
+            codes += [_IMPRESSION] * n
+            times += [event.ts] * n
+            continue
+        i = item_index.get(event.item)  # type: ignore[union-attr]
+        items.append(s.item_slot(event.item) if i is None else i)  # type: ignore[union-attr]
+        users.append(u)
+        code = event.code
+        codes.append(code)
+        times.append(event.ts)
+        weights.append(by_code[code] * (event.value - neutral) if code == _RATING  # type: ignore[union-attr, operator]
+                       else by_code[code])
+    fold_interactions(
+        np.array(users, dtype=np.int64), np.array(items, dtype=np.int64),
+        np.array(codes, dtype=np.int64), np.array(times, dtype=np.float64),
+        np.array(weights, dtype=np.float64), *s.columns(_KERNEL_COLUMNS),
+        s.L, s.K, s.P, s.inv_half_life)
 
 
 @_apply.register

@@ -97,6 +97,7 @@ class State:
         self.item_fields: dict[int, dict[str, Any]] = {}
         # derived from crc, not serialized: (byte, mask) x 3 per item for the fold
         self.item_bits: list[tuple[int, int, int, int, int, int]] = []
+        self._column_cache: dict[tuple[str, ...], tuple[np.ndarray, ...]] = {}
         self._user_cap = 0
         self._item_cap = 0
         self._grow_users(max(users, 16))
@@ -108,6 +109,7 @@ class State:
         return getattr(self, width) if isinstance(width, str) else width
 
     def _grow(self, columns: tuple[tuple[str, str, Any], ...], old: int, new: int) -> None:
+        self._column_cache.clear()
         for name, dtype, width in columns:
             w = self._width(width)
             fill = -1 if name in _EMPTY_MINUS_ONE else 0
@@ -125,6 +127,13 @@ class State:
     def _grow_items(self, new: int) -> None:
         self._grow(_ITEM_COLUMNS, self._item_cap, new)
         self._item_cap = new
+
+    def columns(self, names: tuple[str, ...]) -> tuple[np.ndarray, ...]:
+        """The arrays of ``names``, cached until the next growth (the fold's per-run view)."""
+        cols = self._column_cache.get(names)
+        if cols is None:
+            cols = self._column_cache[names] = tuple(self.array(n) for n in names)
+        return cols
 
     def array(self, name: str) -> np.ndarray:
         """The numpy array behind column ``name`` (rows beyond the used count are padding)."""
