@@ -1,12 +1,15 @@
 """
 The append-only event log: one SQLite file in WAL mode.
 
-One global sequence: ``log_offset INTEGER PRIMARY KEY`` plus a UNIQUE event id, so a
-duplicate id *is* the idempotency check. Each :meth:`EventLog.append` is one
-transaction holding the events *and* the feed positions they cover, so a consumer
-that resumes from :meth:`EventLog.positions` resumes exactly where the durable log
-ends. ``synchronous=FULL`` by default: a commit has reached the disk when
-``append`` returns, and only then may a caller acknowledge.
+One global sequence, ``log_offset INTEGER PRIMARY KEY``; accepted events get
+consecutive offsets. Event ids are unique: a duplicate id (already logged, or
+repeated within a batch) is a no-op reported as ``"duplicate"``, decided by the
+in-memory :class:`~eventstore._ids.IdIndex` (verified against the stored ids) rather
+than a UNIQUE index, whose random page writes dominated appends into a large log.
+Each :meth:`EventLog.append` is one transaction holding the events *and* the feed
+positions they cover, so a consumer that resumes from :meth:`EventLog.positions`
+resumes exactly where the durable log ends. ``synchronous=FULL`` by default: a commit
+has reached the disk when ``append`` returns, and only then may a caller acknowledge.
 
 sqlite-utils creates the schema and serves inspection; the hot path uses the raw
 ``sqlite3`` connection (sqlite-utils' ``insert_all`` costs several µs per row in
@@ -29,6 +32,7 @@ from typing import Any, Final, Literal
 import sqlite_utils
 
 from eventstore._errors import SchemaVersionError, StoreError, StoreFullError
+from eventstore._ids import IdIndex
 from eventstore.schema import EVENT_TYPES, Event, UserForgotten, decode_stored_many, encode_event
 
 __all__ = [
@@ -110,9 +114,8 @@ def _create_v1(db: sqlite_utils.Database) -> None:
          "ingest_ts": float, "body": bytes},
         pk="log_offset", not_null={"id", "type", "ts", "ingest_ts", "body"},
     )
-    # UNIQUE on id is the idempotency check. There is deliberately no index on user:
-    # it would slow every append for the sake of rare erasures, which scan instead.
-    db["events"].create_index(["id"], unique=True, index_name="events_id")
+    # No secondary index at all: ids are checked by the in-memory IdIndex (see
+    # eventstore._ids for why not UNIQUE), and erasures, being rare, scan for the user.
     db["feed_positions"].create(
         # position is declared BLOB, which in SQLite means "no affinity": an int stays an
         # int and a str a str (Kafka offsets vs MQTT marks), with no guessing on read.
@@ -202,6 +205,7 @@ class EventLog:
         self._salt = bytes.fromhex(meta["tombstone_salt"])
         self._tombstones = {row[0] for row in self._conn.execute("SELECT user_hash FROM tombstones")}
         self._failed: str | None = None
+        self._ids: IdIndex | None = None  # built on the first append (readers never need it)
 
     @staticmethod
     def _connect(path: Path) -> sqlite3.Connection:
@@ -248,6 +252,7 @@ class EventLog:
 
         Duplicate ids (already logged, or repeated in ``events``) are no-ops reported
         as ``"duplicate"``; events of forgotten users are refused as ``"erased"``.
+        Accepted events get consecutive offsets.
 
         Raises:
             StoreFullError: the disk is full, read-only or failing; nothing was
@@ -260,67 +265,83 @@ class EventLog:
             raise ValueError(msg)
         now = time.time() if ingest_ts is None else ingest_ts
         off = self._next
+        index = self._id_index()
+        ids = [e.id for e in events]
         erased = self._erased(events) if self._tombstones else set()
-        rows = [(off + k, e.id, _TYPE_NAMES[e.code], getattr(e, "user", None), e.ts, now,
-                 encode_event(e)) for k, e in enumerate(events) if k not in erased]
-        present = self._write(rows, positions or {}, now)
-        if present is None and not erased:  # the common case: everything went in
+        logged = index.logged(ids)
+        if not erased and not logged and len(set(ids)) == len(ids):  # the common case
+            accepted = list(enumerate(events, start=off))
+            status = [ACCEPTED] * len(events)
             offsets: list[int | None] = list(range(off, off + len(events)))
-            return AppendResult([ACCEPTED] * len(events), offsets,
-                                list(zip(range(off, off + len(events)), events, strict=True)))
+        else:
+            accepted, status, offsets = self._sort_out(events, erased, logged, off)
+        rows = [(o, e.id, _TYPE_NAMES[e.code], getattr(e, "user", None), e.ts, now,
+                 encode_event(e)) for o, e in accepted]
+        next_offset = off + len(accepted)
+        self._write(rows, next_offset, positions or {}, now)
+        self._next = next_offset
+        index.add((e.id, o) for o, e in accepted)
+        return AppendResult(status, offsets, accepted)
+
+    @staticmethod
+    def _sort_out(events: Sequence[Event], erased: set[int], logged: set[int], off: int,
+                  ) -> tuple[list[tuple[int, Event]], list[str], list[int | None]]:
+        """Status and offset of each event when some are erased or duplicates."""
+        accepted: list[tuple[int, Event]] = []
         status: list[str] = []
-        offsets = []
-        appended: list[tuple[int, Event]] = []
+        offsets: list[int | None] = []
+        in_batch: set[str] = set()
         for k, event in enumerate(events):
-            o = off + k
             if k in erased:
                 status.append(ERASED)
                 offsets.append(None)
-            elif present is not None and o not in present:
+            elif k in logged or event.id in in_batch:
                 status.append(DUPLICATE)
                 offsets.append(None)
             else:
+                in_batch.add(event.id)
+                accepted.append((off, event))
                 status.append(ACCEPTED)
-                offsets.append(o)
-                appended.append((o, event))
-        return AppendResult(status, offsets, appended)
+                offsets.append(off)
+                off += 1
+        return accepted, status, offsets
 
     def _erased(self, events: Sequence[Event]) -> set[int]:
         """Positions of events whose user has a tombstone."""
         users = {getattr(e, "user", None) for e in events} - {None}
         gone = {u for u in users if self._user_hash(u) in self._tombstones}  # type: ignore[arg-type]
-        return {k for k, e in enumerate(events) if getattr(e, "user", None) in gone} if gone else set()
-
-    def _present(self, lo: int, hi: int) -> set[int]:
-        rows = self._conn.execute(
-            "SELECT log_offset FROM events WHERE log_offset >= ? AND log_offset < ?", (lo, hi))
-        return {r[0] for r in rows}
-
-    def _write(self, rows: list[tuple[Any, ...]], positions: Positions,
-               now: float) -> set[int] | None:
-        """
-        One transaction: the rows, the high-water mark, the positions.
-
-        Row k was offered offset ``next + k``; ``INSERT OR IGNORE`` skips duplicate
-        ids (the UNIQUE index is the idempotency check). Returns ``None`` when every
-        row went in (the common case, decided without a query), else the offsets
-        that did. Offsets are strictly increasing, not dense: a skipped one is not
-        reused, except at the tail, where the high-water mark stays at the last
-        inserted row.
-        """
-        if not rows and not positions:
+        if not gone:
             return set()
-        present: set[int] | None = None
+        return {k for k, e in enumerate(events) if getattr(e, "user", None) in gone}
+
+    def _id_index(self) -> IdIndex:
+        """The in-memory id index, built from the log on first use after opening."""
+        if self._ids is None:
+            index = IdIndex(self._ids_at)
+            cursor = self._conn.execute("SELECT id, log_offset FROM events")
+            while rows := cursor.fetchmany(1 << 16):
+                index.add(rows)
+            self._ids = index
+        return self._ids
+
+    def _ids_at(self, offsets: list[int]) -> dict[int, str]:
+        found: dict[int, str] = {}
+        for k in range(0, len(offsets), 900):
+            chunk = offsets[k:k + 900]
+            marks = ",".join("?" * len(chunk))
+            found.update(self._conn.execute(
+                f"SELECT log_offset, id FROM events WHERE log_offset IN ({marks})",  # noqa: S608
+                chunk))
+        return found
+
+    def _write(self, rows: list[tuple[Any, ...]], next_offset: int, positions: Positions,
+               now: float) -> None:
+        """One transaction: the rows, the high-water mark, the positions."""
+        if not rows and not positions:
+            return
         try:
             with _transaction(self._conn):
-                before = self._conn.total_changes
-                self._conn.executemany("INSERT OR IGNORE INTO events VALUES (?,?,?,?,?,?,?)", rows)
-                if not rows:
-                    present = set()
-                elif self._conn.total_changes - before != len(rows):
-                    present = self._present(rows[0][0], rows[-1][0] + 1)
-                next_offset = (rows[-1][0] + 1 if present is None
-                               else max(present, default=self._next - 1) + 1)
+                self._conn.executemany("INSERT INTO events VALUES (?,?,?,?,?,?,?)", rows)
                 self._conn.execute("UPDATE meta SET value=? WHERE key='next_offset'",
                                    (str(next_offset),))
                 self._conn.executemany(
@@ -329,8 +350,6 @@ class EventLog:
                      for (feed, part), pos in positions.items()])
         except sqlite3.Error as e:
             raise self._translate(e) from e
-        self._next = next_offset
-        return present
 
     def _translate(self, error: sqlite3.Error) -> StoreError:
         code = getattr(error, "sqlite_errorcode", 0) & 0xFF
@@ -399,6 +418,8 @@ class EventLog:
         except sqlite3.Error as e:
             raise self._translate(e) from e
         self._tombstones.add(digest)
+        # The id index still holds the deleted ids' hashes; that is harmless, since a
+        # hash hit is verified against the log, and they are gone at the next open.
         return deleted
 
     def delete_before(self, offset: int) -> int:

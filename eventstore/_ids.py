@@ -1,0 +1,107 @@
+"""
+Which event ids the log holds: an in-memory hash index, exact after verification.
+
+Why not a UNIQUE index in SQLite: event ids are often random (UUIDs), so every new id
+lands on a random page of a B-tree that outgrows the page cache. At a million events
+each 1000-event commit dirtied about 1000 index pages (4.8 MB of WAL) and appends
+slowed from 9 ms to 23-56 ms a batch. Here the log's table is append-only with no
+secondary index, and this index answers "is this id logged?" from memory:
+
+* keys are 64-bit hashes of the ids (CPython's SipHash of the string), values the
+  log offsets holding them;
+* new entries go to a dict; every ``MERGE_EVERY`` entries the dict is merged into two
+  sorted numpy arrays (hashes, offsets), so a lookup is a dict probe plus a binary
+  search, for a whole batch at once;
+* a hash hit is only a *candidate*: the caller reads the ids at the candidate offsets
+  from the log and compares the strings, so a hash collision can never make a new
+  event look like a duplicate.
+
+It costs 16 bytes an event (plus the dict between merges) and is rebuilt from the
+log when the log is opened for writing (about 1 s per million events here), because
+``hash(str)`` is randomised per process.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from typing import Final
+
+import numpy as np
+
+__all__ = ["IdIndex"]
+
+MERGE_EVERY: Final = 1 << 16
+
+
+class IdIndex:
+    """
+    Exact membership of event ids, backed by a verifier over the log.
+
+    Args:
+        lookup: ``lookup(offsets) -> {offset: id}``, reading the ids stored at
+            ``offsets`` (missing offsets are simply absent).
+        hash_fn: the 64-bit hash (tests pass a colliding one).
+        merge_every: dict entries that trigger a merge into the sorted arrays.
+    """
+
+    def __init__(self, lookup: Callable[[list[int]], dict[int, str]], *,
+                 hash_fn: Callable[[str], int] = hash, merge_every: int = MERGE_EVERY) -> None:
+        self._lookup = lookup
+        self._hash = hash_fn
+        self._merge_every = merge_every
+        self._keys = np.empty(0, dtype=np.int64)
+        self._offsets = np.empty(0, dtype=np.int64)
+        self._recent: dict[int, int] = {}
+        self._overflow: list[tuple[int, int]] = []  # hash collisions inside _recent
+
+    def __len__(self) -> int:
+        return len(self._keys) + len(self._recent) + len(self._overflow)
+
+    def add(self, pairs: Iterable[tuple[str, int]]) -> None:
+        """Record that each (id, offset) is now in the log."""
+        recent = self._recent
+        hash_fn = self._hash
+        for event_id, offset in pairs:
+            h = hash_fn(event_id)
+            if h in recent:
+                self._overflow.append((h, offset))
+            else:
+                recent[h] = offset
+        if len(recent) >= self._merge_every:
+            self._merge()
+
+    def _merge(self) -> None:
+        pairs = [*self._recent.items(), *self._overflow]
+        new_keys = np.fromiter((h for h, _ in pairs), dtype=np.int64, count=len(pairs))
+        new_offsets = np.fromiter((o for _, o in pairs), dtype=np.int64, count=len(pairs))
+        order = np.argsort(new_keys, kind="stable")
+        new_keys, new_offsets = new_keys[order], new_offsets[order]
+        at = np.searchsorted(self._keys, new_keys)
+        self._keys = np.insert(self._keys, at, new_keys)
+        self._offsets = np.insert(self._offsets, at, new_offsets)
+        self._recent = {}
+        self._overflow = []
+
+    def logged(self, ids: Sequence[str]) -> set[int]:
+        """Positions ``k`` of ``ids`` whose id is already in the log (verified)."""
+        hashes = [self._hash(i) for i in ids]
+        candidates: dict[int, list[int]] = {}  # k -> candidate offsets
+        recent = self._recent
+        for k, h in enumerate(hashes):
+            o = recent.get(h)
+            if o is not None:
+                candidates.setdefault(k, []).append(o)
+        for h, o in self._overflow:
+            for k, hk in enumerate(hashes):
+                if hk == h:
+                    candidates.setdefault(k, []).append(o)
+        if len(self._keys):
+            wanted = np.array(hashes, dtype=np.int64)
+            lo = np.searchsorted(self._keys, wanted, side="left")
+            hi = np.searchsorted(self._keys, wanted, side="right")
+            for k in np.flatnonzero(hi > lo).tolist():
+                candidates.setdefault(k, []).extend(self._offsets[lo[k]:hi[k]].tolist())
+        if not candidates:
+            return set()
+        stored = self._lookup(sorted({o for offs in candidates.values() for o in offs}))
+        return {k for k, offs in candidates.items() if any(stored.get(o) == ids[k] for o in offs)}
