@@ -114,8 +114,8 @@ def _create_v1(db: sqlite_utils.Database) -> None:
          "ingest_ts": float, "body": bytes},
         pk="log_offset", not_null={"id", "type", "ts", "ingest_ts", "body"},
     )
-    # No secondary index at all: ids are checked by the in-memory IdIndex (see
-    # eventstore._ids for why not UNIQUE), and erasures, being rare, scan for the user.
+    # UNIQUE on id was the idempotency check in version 1; version 2 drops it.
+    db["events"].create_index(["id"], unique=True, index_name="events_id")
     db["feed_positions"].create(
         # position is declared BLOB, which in SQLite means "no affinity": an int stays an
         # int and a str a str (Kafka offsets vs MQTT marks), with no guessing on read.
@@ -136,10 +136,17 @@ def _create_v1(db: sqlite_utils.Database) -> None:
     ])
 
 
+def _drop_id_index_v2(db: sqlite_utils.Database) -> None:
+    # Ids are checked by the in-memory IdIndex (see eventstore._ids for why), and
+    # erasures, being rare, scan for the user: the events table needs no index.
+    db.execute("DROP INDEX IF EXISTS events_id")
+
+
 #: Named schema migrations, applied in order, each in its own transaction; the
 #: file's ``PRAGMA user_version`` is the number applied. Append, never edit.
 MIGRATIONS: list[tuple[str, Callable[[sqlite_utils.Database], None]]] = [
     ("create event log", _create_v1),
+    ("drop the UNIQUE id index: ids are checked in memory", _drop_id_index_v2),
 ]
 
 
