@@ -59,15 +59,26 @@ class IdIndex:
 
     def add(self, pairs: Iterable[tuple[str, int]]) -> None:
         """Record that each (id, offset) is now in the log."""
-        recent = self._recent
         hash_fn = self._hash
-        for event_id, offset in pairs:
-            h = hash_fn(event_id)
+        items = [(hash_fn(event_id), offset) for event_id, offset in pairs]
+        recent = self._recent
+        before = len(recent)
+        if recent.keys().isdisjoint([h for h, _ in items]):
+            recent.update(items)  # the common case, at C speed
+            if len(recent) == before + len(items):
+                self._maybe_merge()
+                return
+            for h, _ in items:  # two new ids of this batch share a hash: undo, go slow
+                recent.pop(h, None)
+        for h, offset in items:
             if h in recent:
                 self._overflow.append((h, offset))
             else:
                 recent[h] = offset
-        if len(recent) >= self._merge_every:
+        self._maybe_merge()
+
+    def _maybe_merge(self) -> None:
+        if len(self._recent) >= self._merge_every:
             self._merge()
 
     def _merge(self) -> None:
@@ -86,11 +97,10 @@ class IdIndex:
         """Positions ``k`` of ``ids`` whose id is already in the log (verified)."""
         hashes = [self._hash(i) for i in ids]
         candidates: dict[int, list[int]] = {}  # k -> candidate offsets
-        recent = self._recent
-        for k, h in enumerate(hashes):
-            o = recent.get(h)
+        get = self._recent.get
+        for k, o in enumerate([get(h) for h in hashes]):
             if o is not None:
-                candidates.setdefault(k, []).append(o)
+                candidates[k] = [o]
         for h, o in self._overflow:
             for k, hk in enumerate(hashes):
                 if hk == h:

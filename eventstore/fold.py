@@ -109,6 +109,9 @@ def _fold_run(s: State, run: list[Interaction | ItemsShown]) -> None:
     run in the kernel. An impression of m items becomes m rows of code 8; its first
     row carries weight 1 (count the impression once for the user), the others 0.
     """
+    if not any(type(e) is ItemsShown for e in run):
+        _fold_interactions_only(s, run)  # type: ignore[arg-type]
+        return
     user_index, item_index = s.user_index, s.item_index
     by_code = s.weight_by_code
     neutral = s.config.rating_neutral
@@ -141,6 +144,36 @@ def _fold_run(s: State, run: list[Interaction | ItemsShown]) -> None:
         times.append(event.ts)
         weights.append(by_code[code] * (event.value - neutral) if code == _RATING  # type: ignore[union-attr, operator]
                        else by_code[code])
+    _kernel(s, users, items, codes, times, weights)
+
+
+def _fold_interactions_only(s: State, run: list[Interaction]) -> None:
+    """
+    :func:`_fold_run` for a run without impressions, with comprehensions instead of a
+    loop. Users and items are separate index spaces, so resolving all users first
+    and then all items creates each in the same order as the loop would.
+    """
+    get = s.user_index.get
+    users = [get(e.user) for e in run]
+    if None in users:
+        users = [s.user_slot(e.user) if u is None else u for u, e in zip(users, run, strict=True)]
+    get = s.item_index.get
+    items = [get(e.item) for e in run]
+    if None in items:
+        items = [s.item_slot(e.item) if i is None else i for i, e in zip(items, run, strict=True)]
+    by_code = s.weight_by_code
+    codes = [e.code for e in run]
+    if _RATING in codes:
+        neutral = s.config.rating_neutral
+        weights = [by_code[e.code] * (e.value - neutral) if e.code == _RATING  # type: ignore[operator]
+                   else by_code[e.code] for e in run]
+    else:
+        weights = [by_code[c] for c in codes]
+    _kernel(s, users, items, codes, [e.ts for e in run], weights)
+
+
+def _kernel(s: State, users: list[int], items: list[int], codes: list[int],  # noqa: PLR0913, PLR0917
+            times: list[float], weights: list[float]) -> None:
     fold_interactions(
         np.array(users, dtype=np.int64), np.array(items, dtype=np.int64),
         np.array(codes, dtype=np.int64), np.array(times, dtype=np.float64),
