@@ -30,7 +30,7 @@ import numpy as np
 
 __all__ = ["IdIndex"]
 
-MERGE_EVERY: Final = 1 << 16
+MERGE_EVERY: Final = 1 << 18  # ~25 MB of dict at most; merges copy the arrays, so rarely
 
 
 class IdIndex:
