@@ -68,6 +68,7 @@ class Store:
         self.snapshot_every = snapshot_every
         self._closed = False
         self.state = self._restore()
+        self.log.prepare_writes()
         self._since_snapshot = 0
 
     def _restore(self) -> State:
