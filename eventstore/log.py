@@ -477,22 +477,31 @@ class EventLog:
         for offsets, events in self.read_chunks(after=after, limit=limit):
             yield from zip(offsets, events, strict=True)
 
-    def read_chunks(self, *, after: int = 0, limit: int | None = None,
-                    size: int = 4096) -> Iterator[tuple[list[int], list[Event]]]:
+    def read_chunks(self, *, after: int = 0, limit: int | None = None, size: int = 4096,
+                    index_ids: bool = False) -> Iterator[tuple[list[int], list[Event]]]:
         """
         The events above ``after`` in chunks of up to ``size``: (offsets, events).
 
-        Each chunk is decoded in one msgspec call; replay uses this directly.
+        Each chunk is decoded in one msgspec call; replay uses this directly. With
+        ``index_ids``, a read of the whole log (``after=0``, no limit) read to its end
+        also builds the id index, sparing :meth:`prepare_writes` a second scan.
         """
         sql = "SELECT log_offset, body FROM events WHERE log_offset > ? ORDER BY log_offset"
         params: tuple[int, ...] = (after,)
         if limit is not None:
             sql += " LIMIT ?"
             params = (after, limit)
+        building = (IdIndex(self._ids_at) if index_ids and self._ids is None and after == 0
+                    and limit is None else None)
         cursor = self._conn.execute(sql, params)
         while rows := cursor.fetchmany(size):
             offsets, bodies = zip(*rows, strict=True)
-            yield list(offsets), decode_stored_many(list(bodies))
+            events = decode_stored_many(list(bodies))
+            if building is not None:
+                building.add(zip([e.id for e in events], offsets, strict=True))
+            yield list(offsets), events
+        if building is not None and self._ids is None:
+            self._ids = building
 
     def count(self) -> int:
         """Events in the log."""

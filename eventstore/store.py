@@ -114,7 +114,7 @@ class Store:
     def replay(self, state: State) -> int:
         """Fold every logged event after ``state.offset`` into ``state``; returns how many."""
         total = 0
-        for offsets, events in self.log.read_chunks(after=state.offset):
+        for offsets, events in self.log.read_chunks(after=state.offset, index_ids=True):
             project(state, events)
             state.offset = offsets[-1]
             total += len(events)
