@@ -343,11 +343,13 @@ class EventLog:
     def _id_index(self) -> IdIndex:
         """The in-memory id index, built from the log on first use after opening."""
         if self._ids is None:
-            index = IdIndex(self._ids_at)
+            hashes: list[int] = []
+            offsets: list[int] = []
             cursor = self._conn.execute("SELECT id, log_offset FROM events")
             while rows := cursor.fetchmany(1 << 16):
-                index.add(rows)
-            self._ids = index
+                hashes += [hash(i) for i, _ in rows]
+                offsets += [o for _, o in rows]
+            self._ids = IdIndex.from_log(self._ids_at, hashes, offsets)
         return self._ids
 
     def _ids_at(self, offsets: list[int]) -> dict[int, str]:
@@ -491,17 +493,19 @@ class EventLog:
         if limit is not None:
             sql += " LIMIT ?"
             params = (after, limit)
-        building = (IdIndex(self._ids_at) if index_ids and self._ids is None and after == 0
-                    and limit is None else None)
+        building = index_ids and self._ids is None and after == 0 and limit is None
+        hashes: list[int] = []
+        all_offsets: list[int] = []
         cursor = self._conn.execute(sql, params)
         while rows := cursor.fetchmany(size):
             offsets, bodies = zip(*rows, strict=True)
             events = decode_stored_many(list(bodies))
-            if building is not None:
-                building.add(zip([e.id for e in events], offsets, strict=True))
+            if building:
+                hashes += [hash(e.id) for e in events]
+                all_offsets += offsets
             yield list(offsets), events
-        if building is not None and self._ids is None:
-            self._ids = building
+        if building and self._ids is None:
+            self._ids = IdIndex.from_log(self._ids_at, hashes, all_offsets)
 
     def count(self) -> int:
         """Events in the log."""

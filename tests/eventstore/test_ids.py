@@ -67,3 +67,18 @@ def test_index_agrees_with_a_set(batches: list[list[str]], merge_every: int,
                 stored[offset] = i
                 fresh.append((i, offset))
         index.add(fresh)
+
+
+def test_bulk_built_index_equals_incremental() -> None:
+    """from_log (one sort) answers like an index built by add, collisions included."""
+    stored = {k: f"id-{k % 50}-{k}" for k in range(1, 200)}
+    colliding = {"hash_fn": lambda s: len(s) % 7}
+    bulk = IdIndex.from_log(lambda offs: {o: stored[o] for o in offs if o in stored},
+                            [len(i) % 7 for i in stored.values()], list(stored), **colliding)
+    step = make_index(stored, merge_every=16, **colliding)
+    step.add((i, o) for o, i in stored.items())
+    probe = [*stored.values(), "nope", "id-3-999"]
+    assert step.logged(probe) == bulk.logged(probe) == set(range(len(stored)))
+    bulk.add([("late", 500)])
+    stored[500] = "late"
+    assert {0} == bulk.logged(["late", "later"])
