@@ -326,8 +326,15 @@ class EventDecoder:
 
     def _checked(self, data: bytes, events: list[Event]) -> DecodeResult:
         horizon = self._clock() + self.limits.max_future_skew_s
+        short = self.limits.max_id_bytes // 4  # no string this short can exceed the limit
+        interactions = _INTERACTIONS
         try:
             for event in events:
+                # the common case decided inline (a method call per event costs 0.4 µs)
+                if (type(event) in interactions and event.ts <= horizon  # type: ignore[attr-defined]
+                        and len(event.id) <= short and len(event.user) <= short
+                        and len(event.item) <= short and event.ranking_id is None):
+                    continue
                 self._check(event, horizon)
         except EventRejectedError:
             # rare: redo element by element, so each rejection keeps the bytes that arrived
