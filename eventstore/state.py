@@ -95,8 +95,6 @@ class State:
         self.category_ids: list[str] = []
         self.category_index: dict[str, int] = {}
         self.item_fields: dict[int, dict[str, Any]] = {}
-        # derived from crc, not serialized: (byte, mask) x 3 per item for the fold
-        self.item_bits: list[tuple[int, int, int, int, int, int]] = []
         self._column_cache: dict[tuple[str, ...], tuple[np.ndarray, ...]] = {}
         self._user_cap = 0
         self._item_cap = 0
@@ -175,9 +173,7 @@ class State:
                 self._grow_items(self._item_cap * 2)
             self.item_ids.append(item)
             self.item_index[item] = i
-            crc = zlib.crc32(item.encode())
-            self.crc[i] = crc
-            self.item_bits.append(_bloom_masks(crc))
+            self.crc[i] = zlib.crc32(item.encode())
         return i
 
     def category_slot(self, category: str) -> int:
@@ -328,7 +324,6 @@ class State:
         state.user_index = {u: k for k, u in enumerate(users) if u is not None}
         state.item_ids = items
         state.item_index = {it: k for k, it in enumerate(items)}
-        state.item_bits = [_bloom_masks(zlib.crc32(it.encode())) for it in items]
         state.category_ids = header["categories"]
         state.category_index = {c: k for k, c in enumerate(state.category_ids)}
         state.item_fields = {i: f for i, f in header["item_fields"]}
@@ -346,12 +341,8 @@ class State:
         return state
 
 
-def _bloom_masks(crc: int) -> tuple[int, int, int, int, int, int]:
-    a, b, c = seen_bits(crc)
-    return a >> 3, 1 << (a & 7), b >> 3, 1 << (b & 7), c >> 3, 1 << (c & 7)
-
-
 def seen_bits(crc: int) -> tuple[int, int, int]:
     """The three Bloom-filter bit positions of an item, from its id's CRC-32."""
+    # eventstore._foldkernel._set_seen sets the same bits; the property tests compare
     h2 = (crc * 0x9E3779B1) & 0xFFFFFFFF  # a second, independent-enough hash
     return crc & (SEEN_BITS - 1), (crc >> 10) & (SEEN_BITS - 1), h2 >> 22
