@@ -285,12 +285,13 @@ def run_pipeline(raws: list[bytes], catalogue: list[list[Event]], name: str
     return rate, lat
 
 
-def bench_pipeline(work: Workload, catalogue: list[list[Event]], n: int, repeats: int
-                   ) -> dict[str, Any]:
+def bench_pipeline(work: Workload, catalogue: list[list[Event]], n: int, repeats: int,
+                   size: int = BATCH) -> dict[str, Any]:
     rates = []
     lat: list[float] = []
     for r in range(repeats):
-        rate, batch_s = run_pipeline(work.raw_batches(n), catalogue, f"pipeline-{r}")
+        rate, batch_s = run_pipeline(work.raw_batches(n, size), catalogue,
+                                     f"pipeline-{size}-{r}")
         rates.append(rate)
         lat += batch_s
     return {"events_per_s": summary(rates), "batch_ms": summary([s * 1e3 for s in lat])}
@@ -561,6 +562,10 @@ def table(r: dict[str, Any], *, quick: bool) -> str:
     row("pipeline 1 thread: JSON->decode->Store.append, batch 1000", p["events_per_s"], "ev/s",
         p99=False)
     row("  per batch (decode+commit+fold)", p["batch_ms"], "ms")
+    p5 = r["pipeline_5000"]
+    row("pipeline 1 thread, groups of 5000 (the GroupCommitter's maximum)", p5["events_per_s"],
+        "ev/s", p99=False)
+    row("  per group of 5000 (decode+commit+fold)", p5["batch_ms"], "ms")
     for key, g in r["group_commit"].items():
         row(f"pipeline via GroupCommitter, {g['producers']} producer threads x {key} "
             f"(2 cores)", g["events_per_s"], "ev/s", p99=False)
@@ -593,13 +598,16 @@ def table(r: dict[str, Any], *, quick: bool) -> str:
 
 def targets(r: dict[str, Any]) -> list[dict[str, Any]]:
     rate = r["pipeline"]["events_per_s"]["median"]
+    rate5 = r["pipeline_5000"]["events_per_s"]["median"]
     rp = r["replay"]
     replay_1m = rp["store_open_s"]["median"] * 1_000_000 / rp["events"]
     stream_1m = rp["project_read_s"]["median"] * 1_000_000 / rp["events"]
     mem = r["memory"]
     return [
-        {"target": ">= 100,000 events/s decode+append+fold (1 thread)", "measured":
-         f"{rate:,.0f} ev/s", "met": rate >= 100_000},
+        {"target": ">= 100,000 events/s decode+append+fold (1 thread, batches of 1000)",
+         "measured": f"{rate:,.0f} ev/s", "met": rate >= 100_000},
+        {"target": ">= 100,000 events/s decode+append+fold (1 thread, groups of 5000)",
+         "measured": f"{rate5:,.0f} ev/s", "met": rate5 >= 100_000},
         {"target": "1M-event replay <= 10 s, Store(dir) open" + (
             "" if rp["events"] == 1_000_000 else " (scaled)"),
          "measured": f"{replay_1m:.2f} s", "met": replay_1m <= 10},
@@ -649,6 +657,8 @@ def main() -> None:
         ("fold", lambda: bench_fold(work, catalogue, 50_000 if q else 300_000, 3 if q else 5)),
         ("pipeline", lambda: bench_pipeline(work, catalogue, 50_000 if q else 200_000,
                                             3 if q else 5)),
+        ("pipeline_5000", lambda: bench_pipeline(work, catalogue, 50_000 if q else 200_000,
+                                                 3 if q else 5, size=5000)),
         ("group_commit", lambda: {
             "1000-event requests": bench_group_commit(
                 work, catalogue, 50_000 if q else 200_000, producers=4, size=1000, window=2,
