@@ -37,11 +37,10 @@ from typing import Final, Literal
 from tqdm import tqdm
 
 from eventstore.schema import (
-    EVENT_TYPES,
+    EVENT_CLASSES,
     INTERACTION_TYPES,
     MIN_TS,
     Event,
-    Interaction,
     ItemUpdated,
     Rated,
 )
@@ -58,7 +57,6 @@ _ML100K_GENRES: Final = (
     "Documentary", "Drama", "Fantasy", "Film-Noir", "Horror", "Musical", "Mystery",
     "Romance", "Sci-Fi", "Thriller", "War", "Western",
 )
-_INTERACTION_CLASSES: Final = {cls.__struct_config__.tag: cls for cls in Interaction.__subclasses__()}
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,7 +81,7 @@ def sasrec_events(path: str | Path, *, event_type: str = "view",
     if event_type not in INTERACTION_TYPES or event_type == "rating":
         msg = f"type: expected one of {', '.join(t for t in INTERACTION_TYPES if t != 'rating')}"
         raise ValueError(msg)
-    cls = _INTERACTION_CLASSES[event_type]
+    cls = EVENT_CLASSES[event_type]
     path = Path(path)
     prefix = path.stem
     position: dict[str, int] = {}
@@ -229,5 +227,3 @@ def _flush(store: Store, events: list[Event]) -> tuple[int, int]:
     result = store.append(events)
     return result.accepted, result.duplicates
 
-
-assert set(_INTERACTION_CLASSES) == set(INTERACTION_TYPES) <= set(EVENT_TYPES)

@@ -29,13 +29,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final, Literal
 
-import msgspec
 import sqlite_utils
 
 from eventstore._checkpoint import Checkpointer, truncate_wal
 from eventstore._errors import SchemaVersionError, StoreError, StoreFullError
 from eventstore._ids import IdIndex
-from eventstore.schema import Event, UserForgotten, decode_stored_many
+from eventstore.schema import Event, UserForgotten, decode_stored_many, encode_event
 
 __all__ = [
     "MIGRATIONS",
@@ -56,7 +55,6 @@ ACCEPTED: Final = "accepted"
 DUPLICATE: Final = "duplicate"
 ERASED: Final = "erased"
 _MAX_DEAD_LETTER_BYTES: Final = 1 << 20
-_encode: Final = msgspec.json.Encoder().encode  # what encode_event does, minus a call
 
 
 @dataclass(frozen=True, slots=True)
@@ -304,7 +302,7 @@ class EventLog:
             offsets: list[int | None] = list(range(off, off + len(events)))
         else:
             accepted, status, offsets = self._sort_out(events, erased, logged, off)
-        encode = _encode
+        encode = encode_event
         try:  # interactions and impressions all have a user; item events do not
             rows = [(o, e.id, e.user, now, encode(e)) for o, e in accepted]  # type: ignore[attr-defined]
         except AttributeError:

@@ -8,19 +8,7 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 from eventstore import Event, EventDecoder, Store
-from eventstore.schema import (
-    AddedToCart,
-    Clicked,
-    Disliked,
-    ItemsShown,
-    ItemUpdated,
-    Liked,
-    Purchased,
-    Rated,
-    Skipped,
-    UserForgotten,
-    Viewed,
-)
+from eventstore.schema import EVENT_CLASSES
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
@@ -30,11 +18,6 @@ if TYPE_CHECKING:
 #: (about 11.6 days) ahead of it, so test events are never "in the future".
 T0 = 1764250000.0
 
-_KINDS: dict[str, type[Event]] = {
-    "view": Viewed, "click": Clicked, "cart": AddedToCart, "purchase": Purchased,
-    "rating": Rated, "like": Liked, "dislike": Disliked, "skip": Skipped,
-    "impression": ItemsShown, "item": ItemUpdated, "forget": UserForgotten,
-}
 
 
 def make_event(kind: str = "click", n: int = 0, **fields: Any) -> Event:
@@ -51,7 +34,7 @@ def make_event(kind: str = "click", n: int = 0, **fields: Any) -> Event:
         defaults["items"] = ["i-1", "i-2"]
     if kind == "rating":
         defaults["value"] = 4.0
-    return _KINDS[kind](**{**defaults, **fields})
+    return EVENT_CLASSES[kind](**{**defaults, **fields})
 
 
 def event_json(kind: str = "click", n: int = 0, **fields: Any) -> dict[str, Any]:
