@@ -1,6 +1,5 @@
 """
-The sequential user encoder: a self-attentive (SASRec-style) transformer over a user's
-recent items.
+The sequential user encoder: a SASRec-style transformer over a user's recent items.
 
 A user's history is a row of ``L`` item indices, **left-padded** with 0: the most
 recent item is always in the last slot, so the last slot's output is the user's vector
@@ -62,7 +61,10 @@ class SasrecConfig:
                 msg = f"SasrecConfig.{name}: must be at least 1, got {getattr(self, name)}"
                 raise ValueError(msg)
         if self.dim % self.num_heads:
-            msg = f"SasrecConfig.dim: must be divisible by num_heads ({self.num_heads}), got {self.dim}"
+            msg = (
+                f"SasrecConfig.dim: must be divisible by num_heads ({self.num_heads}), "
+                f"got {self.dim}"
+            )
             raise ValueError(msg)
         if not 0.0 <= self.dropout < 1.0:
             msg = f"SasrecConfig.dropout: must be in [0, 1), got {self.dropout}"
@@ -100,8 +102,10 @@ def param_shapes(config: SasrecConfig) -> dict[str, tuple[int, ...]]:
 
 def init_params(key: jax.Array, config: SasrecConfig) -> dict[str, jax.Array]:
     """
-    Fresh float32 parameters: embeddings ~ N(0, 1/d) (row 0 zero), weight matrices
-    ~ N(0, 1/fan_in), layer-norm scales 1, every bias 0.
+    Fresh float32 parameters for ``config``.
+
+    Embeddings ~ N(0, 1/d) (row 0 zero), weight matrices ~ N(0, 1/fan_in), layer-norm
+    scales 1, every bias 0.
     """
     shapes = param_shapes(config)
     keys = dict(zip(shapes, jax.random.split(key, len(shapes)), strict=True))
@@ -152,8 +156,9 @@ def _attention(
     key: jax.Array | None,
 ) -> jax.Array:
     """
-    Multi-head attention of ``queries [B, Q, d]`` over ``keys [B, T, d]`` (values are
-    the keys), where ``allowed [B, Q, T]`` says which key each query may attend to.
+    Multi-head attention of ``queries [B, Q, d]`` over ``keys [B, T, d]``.
+
+    The values are the keys; ``allowed [B, Q, T]`` says which key each query may see.
     """
     p = prefix + "attn."
     q = _split_heads(queries @ params[p + "wq"] + params[p + "bq"], heads)
@@ -168,7 +173,9 @@ def _attention(
 
 def _feed_forward(params: dict[str, jax.Array], prefix: str, x: jax.Array) -> jax.Array:
     p = prefix + "ffn."
-    return jax.nn.gelu(x @ params[p + "w1"] + params[p + "b1"]) @ params[p + "w2"] + params[p + "b2"]
+    return (
+        jax.nn.gelu(x @ params[p + "w1"] + params[p + "b1"]) @ params[p + "w2"] + params[p + "b2"]
+    )
 
 
 def _block(
@@ -182,9 +189,11 @@ def _block(
     keys: list[jax.Array | None],
 ) -> jax.Array:
     """
-    One pre-norm block: ``x + Attn(LN(x))`` then ``+ FFN(LN(.))``. With ``last_only``
-    only the last slot is computed as a query (its keys are all slots): the output has
-    one position, and the cost of the attention and feed-forward drops by a factor L.
+    One pre-norm block: ``x + Attn(LN(x))`` then ``+ FFN(LN(.))``.
+
+    With ``last_only`` only the last slot is computed as a query (its keys are all
+    slots): the output has one position, and the attention and feed-forward cost
+    drops by a factor L.
     """
     p = f"block{i}."
     h = _layer_norm(x, params[p + "ln_attn.scale"], params[p + "ln_attn.bias"])
@@ -219,7 +228,7 @@ def _run(
     key: jax.Array | None,
     last_only: bool,
 ) -> jax.Array:
-    if seqs.ndim != 2 or seqs.shape[-1] != config.max_len:  # noqa: PLR2004
+    if seqs.ndim != 2 or seqs.shape[-1] != config.max_len:
         msg = f"seqs: expected shape [batch, {config.max_len}], got {seqs.shape}"
         raise ValueError(msg)
     n_keys = 1 + 3 * config.num_blocks
@@ -277,7 +286,8 @@ def item_logits(
     params: dict[str, jax.Array], outputs: jax.Array, items: jax.Array | None = None
 ) -> jax.Array:
     r"""
-    Scores of items against encoder outputs through the shared item embedding:
+    Scores of items against encoder outputs through the shared item embedding.
+
     ``outputs [..., d] @ item_emb.T`` gives ``[..., V + 1]`` (column 0 is padding; mask
     it); with ``items [K]`` only those columns, ``[..., K]``.
     """
