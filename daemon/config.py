@@ -20,7 +20,7 @@ import msgspec
 from daemon._errors import ConfigError
 from eventstore import FoldConfig, Limits
 
-__all__ = ["Config", "StoreSection", "load_config"]
+__all__ = ["Config", "RankingSection", "ServerSection", "StoreSection", "load_config"]
 
 DEFAULTS_SOURCE: Final = "<defaults>"
 
@@ -52,16 +52,98 @@ class StoreSection:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class ServerSection:
+    """
+    ``[server]``: the Unix socket and its limits.
+
+    Args:
+        socket_path: where to listen (ignored under socket activation, which hands
+            the daemon its socket).
+        socket_mode: permission bits of the socket file (0o660: owner and group).
+        allowed_uids: peers (SO_PEERCRED) allowed besides the daemon's own uid and
+            root; empty with ``allowed_gids`` empty means only those two.
+        allowed_gids: peers whose primary gid is listed are allowed too.
+        max_line_bytes: longest request line; longer ones close the connection.
+        max_candidates: most candidates per rank request.
+        max_connections: concurrent connections; more are refused.
+        max_in_flight: unanswered requests per connection; the daemon stops reading
+            that connection until some are answered.
+        idle_timeout_s: a connection without a request for this long is closed.
+        write_timeout_s: a client that does not read its answers for this long is dropped.
+        graceful_timeout_s: on SIGTERM, how long in-flight requests may take to finish.
+    """
+
+    socket_path: Path = Path("var/rerankd.sock")
+    socket_mode: int = 0o660
+    allowed_uids: tuple[int, ...] = ()
+    allowed_gids: tuple[int, ...] = ()
+    max_line_bytes: int = 1_048_576
+    max_candidates: int = 5000
+    max_connections: int = 1024
+    max_in_flight: int = 64
+    idle_timeout_s: float = 300.0
+    write_timeout_s: float = 10.0
+    graceful_timeout_s: float = 10.0
+
+    def __post_init__(self) -> None:
+        positive = ("max_line_bytes", "max_candidates", "max_connections", "max_in_flight",
+                    "idle_timeout_s", "write_timeout_s", "graceful_timeout_s")  # fmt: skip
+        for name in positive:
+            if getattr(self, name) <= 0:
+                msg = f"{name} must be > 0"
+                raise ValueError(msg)
+        if not 0 <= self.socket_mode <= 0o777:
+            msg = "socket_mode must be permission bits, e.g. 0o660"
+            raise ValueError(msg)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RankingSection:
+    """
+    ``[ranking]``: the model and how scores are fused.
+
+    Args:
+        model_path: a model file from ``rerankd train``; empty: rank by features alone.
+        popularity_weight: weight of log(1 + decayed item popularity).
+        interest_weight: weight of the user's decayed interest in the item's category.
+        freshness_weight: weight of 2^(-age / half-life) of the item's ``created_at``.
+        max_batch: most rank requests served by one kernel call.
+        record_impressions: log what each answer showed (an ``impression`` event with
+            its ranking_id), so that later clicks attribute to it.
+    """
+
+    model_path: Path | None = None
+    popularity_weight: float = 0.5
+    interest_weight: float = 1.0
+    freshness_weight: float = 0.2
+    max_batch: int = 64
+    record_impressions: bool = True
+
+    def __post_init__(self) -> None:
+        if self.max_batch < 1:
+            msg = "max_batch must be >= 1"
+            raise ValueError(msg)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Config:
     """The whole configuration; ``source`` names the file it came from."""
 
     store: StoreSection = field(default_factory=StoreSection)
     fold: FoldConfig = field(default_factory=FoldConfig)
     limits: Limits = field(default_factory=Limits)
+    server: ServerSection = field(default_factory=ServerSection)
+    ranking: RankingSection = field(default_factory=RankingSection)
     source: str = DEFAULTS_SOURCE
 
 
-_SECTIONS: Final = {"store": StoreSection, "fold": FoldConfig, "limits": Limits}
+_SECTIONS: Final = {
+    "store": StoreSection,
+    "fold": FoldConfig,
+    "limits": Limits,
+    "server": ServerSection,
+    "ranking": RankingSection,
+}
 
 
 def load_config(path: str | Path | None = None) -> Config:
@@ -83,10 +165,12 @@ def load_config(path: str | Path | None = None) -> Config:
         raise ConfigError(source, "file", f"not valid TOML ({e})") from e
     unknown = sorted(set(raw) - set(_SECTIONS))
     if unknown:
-        raise ConfigError(source, f"[{unknown[0]}]",
-                          f"unknown section; known: {', '.join(sorted(_SECTIONS))}")
-    sections = {name: _section(source, name, cls, raw.get(name, {}))
-                for name, cls in _SECTIONS.items()}
+        raise ConfigError(
+            source, f"[{unknown[0]}]", f"unknown section; known: {', '.join(sorted(_SECTIONS))}"
+        )
+    sections = {
+        name: _section(source, name, cls, raw.get(name, {})) for name, cls in _SECTIONS.items()
+    }
     return Config(**sections, source=source)
 
 
@@ -102,8 +186,9 @@ def _section(source: str, name: str, cls: type, values: Any) -> Any:
         if key not in known:
             raise ConfigError(source, where, f"unknown key; known: {', '.join(sorted(known))}")
         try:
-            if hints[key] is Path:  # msgspec has no Path type: a path is a string
-                kwargs[key] = Path(msgspec.convert(value, str))
+            if hints[key] in (Path, Path | None):  # msgspec has no Path: a path is a string
+                text = msgspec.convert(value, str)
+                kwargs[key] = Path(text) if text or hints[key] is Path else None
                 continue
             kwargs[key] = msgspec.convert(value, hints[key], strict=False)
         except msgspec.ValidationError as e:

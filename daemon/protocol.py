@@ -1,0 +1,233 @@
+"""
+The socket protocol: one JSON object per line each way (DESIGN.md, Socket API).
+
+Pure: bytes in, typed requests or a `ProtocolError` out; responses to bytes. The
+server (`daemon.server`) owns the I/O. Every request may carry an ``id`` (an integer
+or a short string) that its response echoes; requests on one connection may be
+answered out of order, so clients match on it.
+
+Errors are ``{"id": …, "ok": false, "error": {"code": …, "message": …}}``. The codes
+are stable (clients branch on them); the message names the field and the rule and
+never repeats a value from the request.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Final
+
+import msgspec
+
+__all__ = [
+    "ERROR_CODES",
+    "Explain",
+    "Forget",
+    "Health",
+    "Ingest",
+    "ProtocolError",
+    "Rank",
+    "Request",
+    "RequestDecoder",
+    "Stats",
+    "UserInfo",
+    "encode_error",
+    "encode_response",
+]
+
+#: Every error code a response can carry, with what it means.
+ERROR_CODES: Final = {
+    "bad_request": "the request is not valid JSON or breaks a rule; the message says which",
+    "unknown_op": "op is not one of rank, explain, ingest, user, forget, health, stats",
+    "line_too_long": "the line is longer than [server].max_line_bytes; the connection closes",
+    "too_many_candidates": "more candidates than [server].max_candidates",
+    "busy": "the event log's writer is behind; retry after retry_after_ms",
+    "not_found": "the user is unknown",
+    "forbidden": "the peer's uid/gid is not allowed; the connection closes",
+    "too_many_connections": "the daemon is at [server].max_connections; the connection closes",
+    "idle_timeout": "no request for [server].idle_timeout_s; the connection closes",
+    "shutting_down": "the daemon is stopping and takes no new work",
+    "internal": "a bug or an unexpected failure; the daemon logged it",
+}
+
+RequestId = int | str | None
+_ID_MAX_CHARS: Final = 128
+
+
+class _Base(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True, tag_field="op"):
+    id: RequestId = None
+
+
+class Rank(_Base, tag="rank"):
+    """Order ``candidates`` (item ids) for ``user``; at most ``k`` come back (all by default)."""
+
+    user: str
+    candidates: list[str]
+    k: int | None = None
+    context: dict[str, str | int | float | bool | None] | None = None
+    explain: bool = False
+
+
+class Explain(Rank, tag="explain"):
+    """``rank`` with an explanation entry per item (score parts, policies applied)."""
+
+
+class Ingest(_Base, tag="ingest"):
+    """Append ``events`` (a list of event objects, or one); answered once durable."""
+
+    events: msgspec.Raw
+
+
+class UserInfo(_Base, tag="user"):
+    """The state kept about ``user`` (item ids raw, the user id never)."""
+
+    user: str
+
+
+class Forget(_Base, tag="forget"):
+    """Erase ``user`` everywhere and keep a tombstone."""
+
+    user: str
+
+
+class Health(_Base, tag="health"):
+    """Liveness and readiness."""
+
+
+class Stats(_Base, tag="stats"):
+    """Counters, queue depths, latencies."""
+
+
+Request = Rank | Explain | Ingest | UserInfo | Forget | Health | Stats
+_OPS: Final = ("rank", "explain", "ingest", "user", "forget", "health", "stats")
+
+
+@dataclass(frozen=True, slots=True)
+class ProtocolError(Exception):
+    """A request that cannot be served: its stable ``code``, a message, the request id."""
+
+    code: str
+    message: str
+    request_id: RequestId = None
+    retry_after_ms: int | None = None
+
+    def __str__(self) -> str:
+        return f"{self.code}: {self.message}"
+
+
+class _IdOnly(msgspec.Struct):
+    id: Any = None
+
+
+_AT: Final = re.compile(r"^(?P<what>.*?)(?: - at `\$(?P<path>[^`]*)`)?$", re.DOTALL)
+_NAMED: Final = re.compile(r"`(?P<name>[^`]*)`")
+_WORDS: Final = {
+    "str": "a string", "int": "an integer", "array": "a list", "object": "an object",
+    "bool": "a boolean", "null": "null", "float": "a number",
+}  # fmt: skip
+
+
+class RequestDecoder:
+    """
+    Decode one request line and check the limits that are configuration.
+
+    Args:
+        max_candidates: most candidate ids in a ``rank``/``explain``.
+        max_id_bytes: longest user id, item id or request id (bytes).
+    """
+
+    def __init__(self, *, max_candidates: int = 5000, max_id_bytes: int = 256) -> None:
+        self.max_candidates = max_candidates
+        self.max_id_bytes = max_id_bytes
+        self._decoder = msgspec.json.Decoder(Request)
+        self._id_decoder = msgspec.json.Decoder(_IdOnly)
+
+    def decode(self, line: bytes) -> Request:
+        """A typed request, or `ProtocolError` (with the request's id when it has one)."""
+        try:
+            request = self._decoder.decode(line)
+        except (msgspec.DecodeError, UnicodeDecodeError, RecursionError) as error:
+            raise self._translate(error, line) from None
+        self._check_limits(request)
+        return request
+
+    def _request_id(self, line: bytes) -> RequestId:
+        try:
+            value = self._id_decoder.decode(line).id
+        except (msgspec.DecodeError, UnicodeDecodeError, RecursionError):
+            return None
+        if isinstance(value, bool) or not isinstance(value, int | str):
+            return None
+        return value if not isinstance(value, str) or len(value) <= _ID_MAX_CHARS else None
+
+    def _translate(self, error: Exception, line: bytes) -> ProtocolError:
+        request_id = self._request_id(line)
+        if not isinstance(error, msgspec.ValidationError):
+            return ProtocolError("bad_request", "json: malformed", request_id)
+        match = _AT.match(str(error))
+        what, path = (match["what"], match["path"] or "") if match else (str(error), "")
+        field = path.replace("[...]", "").lstrip(".").split("[", 1)[0] or "request"
+        if field == "op":  # never echo the unknown op: it is client input
+            return ProtocolError("unknown_op", f"op: expected one of {', '.join(_OPS)}", request_id)
+        return ProtocolError("bad_request", _rule(what, field), request_id)
+
+    def _check_limits(self, request: Request) -> None:
+        rid = request.id
+        if isinstance(rid, str) and len(rid) > _ID_MAX_CHARS:
+            raise ProtocolError("bad_request", f"id: longer than {_ID_MAX_CHARS} characters")
+        if isinstance(request, Rank):
+            self._check_rank(request)
+        elif isinstance(request, UserInfo | Forget):
+            self._check_id(request.user, "user", rid)
+
+    def _check_rank(self, request: Rank) -> None:
+        rid = request.id
+        self._check_id(request.user, "user", rid)
+        if len(request.candidates) > self.max_candidates:
+            msg = f"candidates: at most {self.max_candidates} ids per request"
+            raise ProtocolError("too_many_candidates", msg, rid)
+        limit = self.max_id_bytes
+        if any(not c or len(c.encode()) > limit for c in request.candidates):
+            msg = f"candidates: every id must be 1 to {limit} bytes"
+            raise ProtocolError("bad_request", msg, rid)
+        if request.k is not None and request.k < 1:
+            raise ProtocolError("bad_request", "k: must be at least 1", rid)
+
+    def _check_id(self, value: str, field: str, rid: RequestId) -> None:
+        if not value or len(value.encode()) > self.max_id_bytes:
+            msg = f"{field}: must be 1 to {self.max_id_bytes} bytes"
+            raise ProtocolError("bad_request", msg, rid)
+
+
+def _rule(what: str, field: str) -> str:
+    named = _NAMED.search(what)
+    if what.startswith("Object missing required field"):
+        return f"{named['name'] if named else field}: required"
+    if what.startswith("Object contains unknown field"):
+        return f"{named['name'][:64] if named else field}: unknown field"
+    if field == "request" and "`object`" in what:
+        return "request: expected a JSON object"
+    if field == "events":
+        return "events: expected an event object or a list of them"
+    got = re.search(r"got `(\w+)`", what)
+    if got and named:
+        want = " or ".join(_WORDS.get(t.strip(), t.strip()) for t in named["name"].split("|"))
+        return f"{field}: expected {want}, got {_WORDS.get(got[1], got[1])}"
+    return f"{field}: {what[:1].lower()}{what[1:]}"
+
+
+_encoder: Final = msgspec.json.Encoder()
+
+
+def encode_response(request_id: RequestId, body: Mapping[str, Any]) -> bytes:
+    """``{"id": …, "ok": true, …body}`` as one line, newline included."""
+    return _encoder.encode({"id": request_id, "ok": True, **body}) + b"\n"
+
+
+def encode_error(error: ProtocolError) -> bytes:
+    """The error response line for ``error``."""
+    body: dict[str, Any] = {"code": error.code, "message": error.message}
+    if error.retry_after_ms is not None:
+        body["retry_after_ms"] = error.retry_after_ms
+    return _encoder.encode({"id": error.request_id, "ok": False, "error": body}) + b"\n"

@@ -1,0 +1,356 @@
+"""
+The daemon: one asyncio process tying together the log, state, kernels and socket.
+
+It follows DESIGN.md's data flow, and its lifecycle is systemd's.
+
+Threads. The event loop only parses, routes and answers. The store is written by the
+group-commit writer thread (append + fold); kernels and state reads run on one
+kernel thread. Nothing blocking runs on the loop.
+
+Lifecycle (`run`): open the store (snapshot + replay), load the model and compile
+every kernel bucket, bind or inherit the socket, ``READY=1``; serve until SIGTERM or
+SIGINT; then ``STOPPING=1``, stop accepting, let in-flight requests finish within
+``graceful_timeout_s``, flush the writer, write a snapshot, exit 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import time
+import uuid
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from daemon.config import Config
+from daemon.protocol import (
+    Forget,
+    Health,
+    Ingest,
+    ProtocolError,
+    Rank,
+    Request,
+    RequestDecoder,
+    Stats,
+    UserInfo,
+)
+from daemon.ranking import RankedList, Ranking
+from daemon.server import Server, bind_unix_socket
+from daemon.systemd import inherited_socket, notify, watchdog_interval_s
+from eventstore import BackpressureError, EventDecoder, GroupCommitter, Store
+from eventstore.schema import ItemsShown, UserForgotten
+from kernels.modelfile import load_model
+from kernels.runtime import Ranker
+
+__all__ = ["Service", "ShutdownRequested", "run"]
+
+_log = structlog.get_logger("daemon.service")
+
+
+class ShutdownRequested(Exception):  # noqa: N818 - control flow, not an error (STYLE.md 6)
+    """Raised by the task that watches for SIGTERM/SIGINT, to end the TaskGroup."""
+
+
+class _Batcher:
+    """
+    Micro-batching of rank requests: concurrent requests share one kernel call.
+
+    The batcher takes the first waiting request and everything else already waiting
+    (up to ``max_batch``) and runs them as one batch on the kernel thread; a lone
+    request never waits, and under load batches grow while the previous one runs.
+    """
+
+    def __init__(self, ranking: Ranking, executor: ThreadPoolExecutor, max_batch: int) -> None:
+        self._ranking = ranking
+        self._executor = executor
+        self.max_batch = max_batch
+        self._queue: asyncio.Queue[tuple[Rank, asyncio.Future[RankedList]]] = asyncio.Queue(
+            maxsize=max_batch * 64
+        )
+        self.batches = 0
+        self.batched_requests = 0
+
+    async def rank(self, request: Rank) -> RankedList:
+        future: asyncio.Future[RankedList] = asyncio.get_running_loop().create_future()
+        await self._queue.put((request, future))
+        return await future
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            batch = [await self._queue.get()]
+            while len(batch) < self.max_batch and not self._queue.empty():
+                batch.append(self._queue.get_nowait())
+            requests = [r for r, _ in batch]
+            try:
+                results = await loop.run_in_executor(
+                    self._executor, self._ranking.rank_batch, requests
+                )
+            except Exception as error:  # noqa: BLE001 - a kernel failure fails this batch only
+                _log.exception("rank_batch_failed", size=len(batch))
+                for _, future in batch:
+                    if not future.done():
+                        future.set_exception(error)
+                continue
+            self.batches += 1
+            self.batched_requests += len(batch)
+            for (_, future), result in zip(batch, results, strict=True):
+                if not future.done():
+                    future.set_result(result)
+
+
+class Service:
+    """The daemon's parts and its request handlers."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.started = time.time()
+        self.kernel_thread = ThreadPoolExecutor(1, thread_name_prefix="daemon[kernels]")
+        self.store: Store | None = None
+        self.committer: GroupCommitter | None = None
+        self.ranking: Ranking | None = None
+        self.batcher: _Batcher | None = None
+        self.decoder = EventDecoder(config.limits)
+        self.model_source = "none"
+        self.warmup_s = 0.0
+        self.counters = {"ingested": 0, "duplicates": 0, "rejected": 0, "ranked": 0, "busy": 0}
+
+    # ---------------------------------------------------------------- set-up
+
+    def open(self) -> None:
+        """Open the store, load and warm up the model (blocking: call from a thread)."""
+        s = self.config.store
+        self.store = Store(
+            s.data_dir,
+            fold=self.config.fold,
+            synchronous=s.synchronous,  # type: ignore[arg-type]
+            snapshot_every=s.snapshot_every_events,
+            keep_snapshots=s.keep_snapshots,
+            decoder=self.decoder,
+        )
+        self.committer = GroupCommitter(self.store.append, name="daemon[writer]")
+        ranker, vocabulary = self._load_model()
+        store = self.store
+        self.ranking = Ranking(
+            lambda: store.state, ranker=ranker, vocabulary=vocabulary,
+            weights=self._feature_weights(),
+        )  # fmt: skip
+        self.batcher = _Batcher(self.ranking, self.kernel_thread, self.config.ranking.max_batch)
+
+    def _load_model(self) -> tuple[Ranker | None, Sequence[str]]:
+        path = self.config.ranking.model_path
+        if path is None:
+            _log.info("model_absent", scoring="popularity, category interest and freshness",
+                      hint="set [ranking].model_path to a file from `rerankd train`")  # fmt: skip
+            return None, ()
+        loaded = load_model(path)
+        ranker = Ranker(loaded.params, loaded.config, feature_weights=(0.0, 0.0, 0.0))
+        report = ranker.warmup()
+        self.warmup_s = report.seconds
+        self.model_source = str(path)
+        _log.info("model_loaded", items=loaded.config.num_items, executables=report.executables,
+                  warmup_s=round(report.seconds, 2), device=report.device)  # fmt: skip
+        ranker.set_feature_weights(self._feature_weights())
+        return ranker, loaded.manifest.vocabulary
+
+    def _feature_weights(self) -> tuple[float, float, float]:
+        r = self.config.ranking
+        return (r.popularity_weight, r.interest_weight, r.freshness_weight)
+
+    def close(self) -> None:
+        """Flush the writer, snapshot and close the log (idempotent)."""
+        if self.committer is not None:
+            self.committer.close()
+            self.committer = None
+        if self.store is not None:
+            self.store.close()
+        self.kernel_thread.shutdown(wait=True)
+
+    # -------------------------------------------------------------- handlers
+
+    async def handle(self, request: Request) -> dict[str, Any]:
+        """Route one request to its handler."""
+        if isinstance(request, Rank):
+            return await self._rank(request)
+        if isinstance(request, Ingest):
+            return await self._ingest(request.events)
+        if isinstance(request, UserInfo):
+            return await self._user(request.user)
+        if isinstance(request, Forget):
+            return await self._forget(request.user)
+        if isinstance(request, Health):
+            return {"status": "ok", "model": self.model_source != "none"}
+        if isinstance(request, Stats):
+            return self.stats()
+        msg = f"op: {type(request).__name__} has no handler"
+        raise ProtocolError("unknown_op", msg)
+
+    async def _rank(self, request: Rank) -> dict[str, Any]:
+        assert self.batcher is not None
+        result = await self.batcher.rank(request)
+        self.counters["ranked"] += 1
+        ranking_id = f"r-{uuid.uuid4().hex}"
+        if self.config.ranking.record_impressions and result.items:
+            self._record_impression(request.user, result.items, ranking_id)
+        body: dict[str, Any] = {"ranking_id": ranking_id, "items": result.items,
+                                "scores": result.scores, "source": result.source}  # fmt: skip
+        if result.explain is not None:
+            body["explain"] = result.explain
+        return body
+
+    def _record_impression(self, user: str, items: list[str], ranking_id: str) -> None:
+        """Log what was shown, without waiting: the answer does not depend on it."""
+        assert self.committer is not None
+        shown = ItemsShown(id=ranking_id, ts=time.time(), user=user, items=items[:256],
+                           ranking_id=ranking_id)  # fmt: skip
+        with contextlib.suppress(BackpressureError):  # under overload, attribution yields first
+            self.committer.submit([shown])
+
+    async def _ingest(self, raw: Any) -> dict[str, Any]:
+        assert self.committer is not None
+        decoded = await asyncio.to_thread(self.decoder.decode, bytes(raw))
+        rejected = [{"index": r.index, "error": str(r.error)} for r in decoded.rejected]
+        self.counters["rejected"] += len(rejected)
+        accepted = duplicates = 0
+        if decoded.events:
+            result = await self._submit(decoded.events)
+            accepted = result.status.count("accepted")
+            duplicates = result.status.count("duplicate")
+        self.counters["ingested"] += accepted
+        self.counters["duplicates"] += duplicates
+        return {"accepted": accepted, "duplicates": duplicates, "rejected": rejected}
+
+    async def _submit(self, events: Sequence[Any]) -> Any:
+        assert self.committer is not None
+        try:
+            future = self.committer.submit(events)
+        except BackpressureError as error:
+            self.counters["busy"] += 1
+            raise ProtocolError(
+                "busy", "the event log's writer is behind",
+                retry_after_ms=max(1, round(error.retry_after_s * 1000)),
+            ) from None  # fmt: skip
+        return await asyncio.wrap_future(future)
+
+    async def _user(self, user: str) -> dict[str, Any]:
+        assert self.store is not None
+        store = self.store
+        loop = asyncio.get_running_loop()
+        view = await loop.run_in_executor(self.kernel_thread, store.state.user_view, user)
+        if view is None:
+            raise ProtocolError("not_found", "user: unknown")
+        return {"user": view}
+
+    async def _forget(self, user: str) -> dict[str, Any]:
+        event = UserForgotten(id=f"forget-{uuid.uuid4().hex}", ts=time.time(), user=user)
+        await self._submit([event])
+        assert self.ranking is not None
+        self.ranking.forget_vectors()
+        return {}
+
+    def stats(self) -> dict[str, Any]:
+        """Counters, queue depths and cache figures for the ``stats`` op."""
+        assert self.store is not None
+        assert self.committer is not None
+        assert self.ranking is not None
+        assert self.batcher is not None
+        state = self.store.state
+        return {
+            "uptime_s": round(time.time() - self.started, 3),
+            "events": self.counters | {"log_offset": state.offset},
+            "users": len(state.user_index),
+            "items": state.n_items,
+            "writer_pending": self.committer.pending,
+            "rank_batches": self.batcher.batches,
+            "rank_batched_requests": self.batcher.batched_requests,
+            "vector_cache": {"hits": self.ranking.cache_hits, "misses": self.ranking.cache_misses},
+            "model": self.model_source,
+            "warmup_s": round(self.warmup_s, 3),
+            "compile_count": self.ranking.ranker.compile_count if self.ranking.ranker else 0,
+        }
+
+
+# ------------------------------------------------------------------- lifecycle
+
+
+def run(config: Config) -> int:
+    """Run the daemon until SIGTERM/SIGINT; returns the exit status (0 on a clean stop)."""
+    try:
+        uvloop = __import__("uvloop")
+    except ImportError:
+        return asyncio.run(_main(config))
+    return uvloop.run(_main(config))  # type: ignore[no-any-return]
+
+
+async def _main(config: Config) -> int:
+    shutdown = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, shutdown.set)
+    service = Service(config)
+    await asyncio.to_thread(service.open)
+    sock = inherited_socket()
+    socket_path: Path | None = None
+    if sock is None:
+        socket_path = config.server.socket_path
+        socket_path.parent.mkdir(parents=True, exist_ok=True)
+        sock = bind_unix_socket(socket_path, mode=config.server.socket_mode)
+    server = Server(
+        service.handle,
+        config.server,
+        RequestDecoder(
+            max_candidates=config.server.max_candidates, max_id_bytes=config.limits.max_id_bytes
+        ),
+    )
+    try:
+        await server.start(sock)
+        notify("READY=1", f"STATUS=serving on {socket_path or 'an inherited socket'}")
+        _log.info("ready", socket=str(socket_path) if socket_path else "inherited",
+                  model=service.model_source != "none", pid=os.getpid())  # fmt: skip
+        await _serve(service, server, shutdown)
+    finally:
+        notify("STOPPING=1")
+        await asyncio.to_thread(service.close)
+        if socket_path is not None:
+            with contextlib.suppress(FileNotFoundError):
+                socket_path.unlink()
+        _log.info("stopped")
+    return 0
+
+
+async def _serve(service: Service, server: Server, shutdown: asyncio.Event) -> None:
+    assert service.batcher is not None
+    try:
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(service.batcher.run(), name="daemon[ranking].batcher")
+            tg.create_task(_watchdog(), name="daemon[systemd].watchdog")
+            tg.create_task(
+                _stop_on(shutdown, server, service.config.server.graceful_timeout_s),
+                name="daemon[main].shutdown",
+            )
+    except* ShutdownRequested:
+        pass
+
+
+async def _stop_on(shutdown: asyncio.Event, server: Server, graceful_timeout_s: float) -> None:
+    await shutdown.wait()
+    notify("STOPPING=1")
+    _log.info("stopping", connections=server.connections)
+    await server.stop(graceful_timeout_s=graceful_timeout_s)
+    raise ShutdownRequested
+
+
+async def _watchdog() -> None:
+    """Ping systemd's watchdog from the event loop, so a stuck loop gets restarted."""
+    interval = watchdog_interval_s()
+    if interval is None:
+        return
+    while True:
+        notify("WATCHDOG=1")
+        await asyncio.sleep(interval)

@@ -1,0 +1,276 @@
+"""
+The daemon as a real process on a temporary directory, over its real Unix socket,
+with a real NOTIFY_SOCKET bound by the test.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from daemon.client import Client, RequestFailedError
+
+ROOT = Path(__file__).resolve().parents[2]
+NOW = time.time()
+
+
+class Daemon:
+    """A `rerankd run` child process and what it told systemd."""
+
+    def __init__(
+        self, tmp: Path, config: str = "", *, listen_fd: int | None = None,
+        socket_dir: Path | None = None,
+    ) -> None:  # fmt: skip
+        self.tmp = tmp
+        self.socket_path = (socket_dir or tmp) / "rerankd.sock"
+        self.config = tmp / "rerankd.toml"
+        self.config.write_text(
+            f'[store]\ndata_dir = "{tmp / "data"}"\n'
+            f'[server]\nsocket_path = "{self.socket_path}"\n{config}'
+        )
+        self.notify_path = tmp / "notify.sock"
+        self.notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        with contextlib.suppress(FileNotFoundError):
+            self.notify_path.unlink()
+        self.notify.bind(str(self.notify_path))
+        self.messages: list[str] = []
+        self.stdout = (tmp / "daemon.log").open("ab")
+        env = {"PATH": os.environ["PATH"], "PYTHONPATH": str(ROOT),
+               "NOTIFY_SOCKET": str(self.notify_path), "JAX_PLATFORMS": "cpu"}  # fmt: skip
+        command = [sys.executable, "-m", "daemon.cli", "run", "--config", str(self.config)]
+        pass_fds: tuple[int, ...] = ()
+        if listen_fd is not None:  # systemd's hand-over: fd 3, LISTEN_PID = the daemon's pid
+            script = (
+                "import os, sys; os.dup2(int(sys.argv[1]), 3); "
+                "os.environ.update(LISTEN_PID=str(os.getpid()), LISTEN_FDS='1'); "
+                "os.execv(sys.argv[2], sys.argv[2:])"
+            )
+            command = [sys.executable, "-c", script, str(listen_fd), *command]
+            pass_fds = (listen_fd,)
+        self.proc = subprocess.Popen(
+            command, cwd=tmp, env=env, stdout=self.stdout, stderr=subprocess.STDOUT,
+            pass_fds=pass_fds,
+        )  # fmt: skip
+
+    def wait_for(self, message: str, timeout_s: float = 120.0) -> None:
+        """Block until the daemon sent ``message`` (e.g. READY=1) to NOTIFY_SOCKET."""
+        deadline = time.monotonic() + timeout_s
+        while not any(message in m for m in self.messages):
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or self.proc.poll() is not None:
+                log = (self.tmp / "daemon.log").read_text()[-3000:]
+                pytest.fail(f"no {message} (exit {self.proc.poll()}); log:\n{log}")
+            self.notify.settimeout(min(remaining, 1.0))
+            with contextlib.suppress(TimeoutError):
+                self.messages.append(self.notify.recv(4096).decode())
+
+    def received(self) -> str:
+        """Everything sent to NOTIFY_SOCKET so far, including what is still queued."""
+        self.notify.setblocking(False)  # noqa: FBT003
+        with contextlib.suppress(BlockingIOError):
+            while True:
+                self.messages.append(self.notify.recv(4096).decode())
+        return "\n".join(self.messages)
+
+    def client(self) -> Client:
+        return Client(self.socket_path, timeout_s=30)
+
+    def stop(self, sig: int = signal.SIGTERM) -> int:
+        """Send ``sig`` and return the exit status."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        code = self.proc.wait(timeout=60)
+        self.stdout.close()
+        return code
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        self.stdout.close()
+        self.notify.close()
+
+
+@pytest.fixture(name="start")
+def fixture_start(tmp_path: Path) -> Iterator[Any]:
+    """start(config="") runs a daemon on tmp_path, waits for READY=1, and returns it."""
+    daemons: list[Daemon] = []
+
+    def start(config: str = "", **kwargs: Any) -> Daemon:
+        daemon = Daemon(tmp_path, config, **kwargs)
+        daemons.append(daemon)
+        daemon.wait_for("READY=1")
+        return daemon
+
+    yield start
+    for daemon in daemons:
+        daemon.close()
+
+
+def _event(n: int, kind: str = "click", user: str = "u-1", item: str = "i-1") -> dict[str, Any]:
+    return {"id": f"e-{n}", "type": kind, "user": user, "item": item, "ts": NOW - 60 + n * 0.001}
+
+
+def test_ingest_changes_rank_and_survives_restart(start: Any) -> None:
+    """READY → ingest → rank reflects it → SIGTERM exits 0 → a restart has the same state."""
+    daemon = start()
+    with daemon.client() as client:
+        assert client.request("health")["status"] == "ok"
+        before = client.request("rank", user="u-1", candidates=["a", "b", "c"])
+        assert before["items"] == ["a", "b", "c"]  # nothing known: the given order
+        events = [_event(k, "purchase", user=f"u-{k}", item="c") for k in range(5)]
+        ack = client.request("ingest", events=events)
+        assert (ack["accepted"], ack["duplicates"], ack["rejected"]) == (5, 0, [])
+        after = client.request("rank", user="u-1", candidates=["a", "b", "c"])
+        assert after["items"][0] == "c"
+        assert after["ranking_id"].startswith("r-")
+        view = client.request("user", user="u-1")["user"]
+    assert daemon.stop() == 0
+    assert "STOPPING=1" in daemon.received()
+    again = start()
+    with again.client() as client:
+        assert client.request("user", user="u-1")["user"]["recent"] == view["recent"]
+        assert client.request("rank", user="u-9", candidates=["a", "c"])["items"][0] == "c"
+
+
+def test_read_your_writes_on_one_connection(start: Any) -> None:
+    """An event acknowledged on a connection is reflected in the next rank on it."""
+    daemon = start()
+    with daemon.client() as client:
+        for n, item in enumerate(["x", "y", "x", "z", "y", "y"]):
+            client.request("ingest", events=[_event(n, "purchase", user=f"v-{n}", item=item)])
+            counts = {"x": 0, "y": 0, "z": 0}
+            for m, it in enumerate(["x", "y", "x", "z", "y", "y"][: n + 1]):
+                counts[it] += 1 if m <= n else 0
+            best = max(counts.values())
+            ranked = client.request("rank", user="w", candidates=["x", "y", "z"])["items"]
+            assert counts[ranked[0]] == best
+
+
+def test_socket_activation(start: Any, tmp_path: Path) -> None:
+    """With LISTEN_FDS the daemon serves the inherited socket and binds none itself."""
+    path = tmp_path / "activated.sock"
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(path))
+    listener.listen()
+    daemon = start(listen_fd=listener.fileno())
+    listener.close()
+    with Client(path) as client:
+        assert client.request("health")["ok"] is True
+    assert not daemon.socket_path.exists()
+
+
+def test_pipelining_answers_out_of_order(start: Any) -> None:
+    """Pipelined requests are all answered, matched by id, the quick one first."""
+    daemon = start()
+    with daemon.client() as client:
+        big = [_event(n, user=f"p-{n % 50}", item=f"i-{n % 300}") for n in range(4000)]
+        slow = client.send("ingest", events=big)
+        quick = client.send("health")
+        answers = [client.receive(), client.receive()]
+    assert [a["id"] for a in answers] == [quick, slow]
+    assert answers[1]["accepted"] == 4000
+
+
+def test_limits_answered_while_others_are_served(start: Any) -> None:
+    """Each limit breach gets its own error code; a second client is served meanwhile."""
+    daemon = start("max_line_bytes = 2048\nmax_candidates = 10\nidle_timeout_s = 2.0\n")
+    with daemon.client() as other, daemon.client() as bad:
+        bad.send("rank", user="u", candidates=[f"c{k}" for k in range(11)])
+        assert bad.receive()["error"]["code"] == "too_many_candidates"
+        assert other.request("health")["ok"]
+        bad.send_raw(b'{"id": 5, "op": "rank", "user": 7}\n')
+        error = bad.receive()
+        assert (error["id"], error["error"]["code"]) == (5, "bad_request")
+        assert error["error"]["message"].startswith("user:")
+        bad.send_raw(b"{not json\n")
+        assert bad.receive()["error"]["code"] == "bad_request"
+        bad.send_raw(b'{"id": 6, "op": "drop_tables"}\n')
+        assert bad.receive()["error"]["code"] == "unknown_op"
+        bad.send_raw(b'{"id": 7, "op": "health", "pad": "' + b"x" * 4096 + b'"}\n')
+        assert bad.receive()["error"]["code"] == "line_too_long"
+        with pytest.raises(ConnectionError):
+            bad.receive()
+        assert other.request("health")["ok"]
+    with daemon.client() as idle:
+        assert idle.receive()["error"]["code"] == "idle_timeout"
+
+
+def test_connection_limit(start: Any) -> None:
+    """Past max_connections a new connection is refused with too_many_connections."""
+    daemon = start("max_connections = 2\n")
+    with daemon.client() as a, daemon.client() as b:
+        assert a.request("health")["ok"]
+        assert b.request("health")["ok"]
+        with daemon.client() as c:
+            assert c.receive()["error"]["code"] == "too_many_connections"
+        assert a.request("health")["ok"]
+
+
+_AS_NOBODY = (
+    "import os, socket; os.setgid(65534); os.setuid(65534); "
+    "s = socket.socket(socket.AF_UNIX); s.connect(os.environ['SOCK']); "
+    "print(s.makefile('rb').readline().decode())"
+)
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason="needs root to connect as another uid")
+def test_peer_with_other_uid_is_refused(start: Any) -> None:
+    """A peer whose uid is not allowed is answered forbidden (SO_PEERCRED), others served."""
+    with tempfile.TemporaryDirectory() as public:  # pytest's tmp_path is private to root
+        Path(public).chmod(0o755)
+        daemon = start("socket_mode = 0o666\n", socket_dir=Path(public))
+        out = subprocess.run(
+            [sys.executable, "-c", _AS_NOBODY], env={"SOCK": str(daemon.socket_path)},
+            capture_output=True, text=True, timeout=60, check=False,
+        )  # fmt: skip
+        assert out.returncode == 0, out.stderr
+        assert '"code":"forbidden"' in out.stdout
+        with daemon.client() as client:
+            assert client.request("health")["ok"]
+
+
+def test_sigkill_during_ingest_loses_no_acknowledged_event(start: Any, tmp_path: Path) -> None:
+    """Events acknowledged before a kill -9 are all in the log after it, exactly once."""
+    daemon = start()
+    acked: list[str] = []
+    with daemon.client() as client:
+        for n in range(400):
+            client.request("ingest", events=[_event(n, user=f"k-{n % 7}")])
+            acked.append(f"e-{n}")
+            if n == 250:
+                daemon.proc.send_signal(signal.SIGKILL)
+                break
+    daemon.proc.wait(timeout=30)
+    with contextlib.closing(sqlite3.connect(tmp_path / "data" / "events.db")) as db:
+        ids = [row[0] for row in db.execute("SELECT id FROM events")]
+    assert sorted(set(ids) & set(acked)) == sorted(acked)
+    assert len(ids) == len(set(ids))
+    again = start()
+    with again.client() as client:
+        stats = client.request("stats")
+        assert stats["events"]["log_offset"] >= len(acked)
+
+
+def test_forget_erases_the_user(start: Any) -> None:
+    """forget removes the user's state; user then answers not_found."""
+    daemon = start()
+    with daemon.client() as client:
+        client.request("ingest", events=[_event(1, user="gone")])
+        assert client.request("user", user="gone")["user"]["events"] == 1
+        client.request("forget", user="gone")
+        with pytest.raises(RequestFailedError) as error:
+            client.request("user", user="gone")
+        assert error.value.code == "not_found"
