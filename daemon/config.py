@@ -108,6 +108,10 @@ class RankingSection:
         interest_weight: weight of the user's decayed interest in the item's category.
         freshness_weight: weight of 2^(-age / half-life) of the item's ``created_at``.
         max_batch: most rank requests served by one kernel call.
+        batch_buckets: batch sizes the kernels are compiled for at start (a batch is
+            padded up to the next one); the largest must be at least ``max_batch``.
+        candidate_buckets: candidate counts compiled for; the largest must be at
+            least [server].max_candidates for the model to score every request.
         record_impressions: log what each answer showed (an ``impression`` event with
             its ranking_id), so that later clicks attribute to it.
     """
@@ -117,11 +121,21 @@ class RankingSection:
     interest_weight: float = 1.0
     freshness_weight: float = 0.2
     max_batch: int = 64
+    batch_buckets: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64)
+    candidate_buckets: tuple[int, ...] = (64, 128, 256, 512, 1024, 2048, 4096, 8192)
     record_impressions: bool = True
 
     def __post_init__(self) -> None:
         if self.max_batch < 1:
             msg = "max_batch must be >= 1"
+            raise ValueError(msg)
+        for name in ("batch_buckets", "candidate_buckets"):
+            values = getattr(self, name)
+            if not values or list(values) != sorted(set(values)) or values[0] < 1:
+                msg = f"{name} must be strictly increasing positive integers"
+                raise ValueError(msg)
+        if self.batch_buckets[-1] < self.max_batch:
+            msg = "batch_buckets: the largest must be at least max_batch"
             raise ValueError(msg)
 
 

@@ -110,6 +110,20 @@ class Ranking:
         """Drop every cached user vector (after an erasure or a model reload)."""
         self._vectors.clear()
 
+    def replace_model(
+        self, ranker: Ranker | None, vocabulary: Sequence[str], weights: Sequence[float]
+    ) -> None:
+        """
+        Serve with another model and weights from the next batch on.
+
+        Call it on the kernel thread (between batches); cached vectors are dropped,
+        since they came from the old model.
+        """
+        self.ranker = ranker
+        self._model_index = {item: i + 1 for i, item in enumerate(vocabulary)}
+        self.weights = np.asarray(weights, np.float32)
+        self._vectors.clear()
+
     # ------------------------------------------------------------ preparing
 
     def _prepare(self, state: State, request: Rank, now: float) -> _Prepared:

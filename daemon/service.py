@@ -23,12 +23,14 @@ import time
 import uuid
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import structlog
 
-from daemon.config import Config
+from daemon._errors import DaemonError
+from daemon.config import DEFAULTS_SOURCE, Config, load_config
 from daemon.protocol import (
     Forget,
     Health,
@@ -45,7 +47,7 @@ from daemon.server import Server, bind_unix_socket
 from daemon.systemd import inherited_socket, notify, watchdog_interval_s
 from eventstore import BackpressureError, EventDecoder, GroupCommitter, Store
 from eventstore.schema import ItemsShown, UserForgotten
-from kernels.modelfile import load_model
+from kernels.modelfile import ModelFileError, load_model
 from kernels.runtime import Ranker
 
 __all__ = ["Service", "ShutdownRequested", "run"]
@@ -117,8 +119,7 @@ class Service:
         self.ranking: Ranking | None = None
         self.batcher: _Batcher | None = None
         self.decoder = EventDecoder(config.limits)
-        self.model_source = "none"
-        self.warmup_s = 0.0
+        self.model = _Model(None, (), "none", 0.0)
         self.counters = {"ingested": 0, "duplicates": 0, "rejected": 0, "ranked": 0, "busy": 0}
 
     # ---------------------------------------------------------------- set-up
@@ -135,33 +136,42 @@ class Service:
             decoder=self.decoder,
         )
         self.committer = GroupCommitter(self.store.append, name="daemon[writer]")
-        ranker, vocabulary = self._load_model()
+        self.model = _load_model(self.config)
         store = self.store
         self.ranking = Ranking(
-            lambda: store.state, ranker=ranker, vocabulary=vocabulary,
-            weights=self._feature_weights(),
+            lambda: store.state, ranker=self.model.ranker, vocabulary=self.model.vocabulary,
+            weights=_feature_weights(self.config),
         )  # fmt: skip
         self.batcher = _Batcher(self.ranking, self.kernel_thread, self.config.ranking.max_batch)
 
-    def _load_model(self) -> tuple[Ranker | None, Sequence[str]]:
-        path = self.config.ranking.model_path
-        if path is None:
-            _log.info("model_absent", scoring="popularity, category interest and freshness",
-                      hint="set [ranking].model_path to a file from `rerankd train`")  # fmt: skip
-            return None, ()
-        loaded = load_model(path)
-        ranker = Ranker(loaded.params, loaded.config, feature_weights=(0.0, 0.0, 0.0))
-        report = ranker.warmup()
-        self.warmup_s = report.seconds
-        self.model_source = str(path)
-        _log.info("model_loaded", items=loaded.config.num_items, executables=report.executables,
-                  warmup_s=round(report.seconds, 2), device=report.device)  # fmt: skip
-        ranker.set_feature_weights(self._feature_weights())
-        return ranker, loaded.manifest.vocabulary
+    async def reload(self) -> None:
+        """
+        SIGHUP: re-read the config file, then swap in the model and weights it names.
 
-    def _feature_weights(self) -> tuple[float, float, float]:
-        r = self.config.ranking
-        return (r.popularity_weight, r.interest_weight, r.freshness_weight)
+        The state, the log and the socket stay as they are (changing [store] or
+        [server] needs a restart; the log says so). A config or model that fails to
+        load leaves everything as it was.
+        """
+        source = self.config.source
+        if source == DEFAULTS_SOURCE:
+            _log.info("reload_skipped", reason="running on the embedded default, no file")
+            return
+        try:
+            config = await asyncio.to_thread(load_config, source)
+            model = await asyncio.to_thread(_load_model, config)
+        except (DaemonError, ModelFileError, OSError, ValueError) as error:
+            _log.error("reload_failed", error=str(error))
+            return
+        for section in ("store", "server", "fold", "limits"):
+            if getattr(config, section) != getattr(self.config, section):
+                _log.warning("reload_needs_restart", section=section)
+        assert self.ranking is not None
+        await asyncio.get_running_loop().run_in_executor(
+            self.kernel_thread, self.ranking.replace_model, model.ranker, model.vocabulary,
+            _feature_weights(config),
+        )  # fmt: skip
+        self.config, self.model = config, model
+        _log.info("reloaded", model=model.source)
 
     def close(self) -> None:
         """Flush the writer, snapshot and close the log (idempotent)."""
@@ -185,7 +195,7 @@ class Service:
         if isinstance(request, Forget):
             return await self._forget(request.user)
         if isinstance(request, Health):
-            return {"status": "ok", "model": self.model_source != "none"}
+            return {"status": "ok", "model": self.model.ranker is not None}
         if isinstance(request, Stats):
             return self.stats()
         msg = f"op: {type(request).__name__} has no handler"
@@ -270,10 +280,44 @@ class Service:
             "rank_batches": self.batcher.batches,
             "rank_batched_requests": self.batcher.batched_requests,
             "vector_cache": {"hits": self.ranking.cache_hits, "misses": self.ranking.cache_misses},
-            "model": self.model_source,
-            "warmup_s": round(self.warmup_s, 3),
+            "model": self.model.source,
+            "warmup_s": round(self.model.warmup_s, 3),
             "compile_count": self.ranking.ranker.compile_count if self.ranking.ranker else 0,
         }
+
+
+@dataclass(frozen=True, slots=True)
+class _Model:
+    """The model being served: its kernels, vocabulary, where it came from, warm-up time."""
+
+    ranker: Ranker | None
+    vocabulary: Sequence[str]
+    source: str
+    warmup_s: float
+
+
+def _load_model(config: Config) -> _Model:
+    """Load and warm up the model the config names (blocking), or none."""
+    path = config.ranking.model_path
+    if path is None:
+        _log.info("model_absent", scoring="popularity, category interest and freshness",
+                  hint="set [ranking].model_path to a file from `rerankd train`")  # fmt: skip
+        return _Model(None, (), "none", 0.0)
+    loaded = load_model(path)
+    ranker = Ranker(
+        loaded.params, loaded.config, feature_weights=_feature_weights(config),
+        batch_buckets=config.ranking.batch_buckets,
+        candidate_buckets=config.ranking.candidate_buckets,
+    )  # fmt: skip
+    report = ranker.warmup()
+    _log.info("model_loaded", items=loaded.config.num_items, executables=report.executables,
+              warmup_s=round(report.seconds, 2), device=report.device)  # fmt: skip
+    return _Model(ranker, loaded.manifest.vocabulary, str(path), report.seconds)
+
+
+def _feature_weights(config: Config) -> tuple[float, float, float]:
+    r = config.ranking
+    return (r.popularity_weight, r.interest_weight, r.freshness_weight)
 
 
 # ------------------------------------------------------------------- lifecycle
@@ -294,6 +338,14 @@ async def _main(config: Config) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, shutdown.set)
     service = Service(config)
+    reloads: set[asyncio.Task[None]] = set()
+
+    def on_hangup() -> None:
+        task = asyncio.create_task(service.reload(), name="daemon[main].reload")
+        reloads.add(task)
+        task.add_done_callback(reloads.discard)
+
+    loop.add_signal_handler(signal.SIGHUP, on_hangup)
     await asyncio.to_thread(service.open)
     sock = inherited_socket()
     socket_path: Path | None = None
@@ -312,7 +364,7 @@ async def _main(config: Config) -> int:
         await server.start(sock)
         notify("READY=1", f"STATUS=serving on {socket_path or 'an inherited socket'}")
         _log.info("ready", socket=str(socket_path) if socket_path else "inherited",
-                  model=service.model_source != "none", pid=os.getpid())  # fmt: skip
+                  model=service.model.ranker is not None, pid=os.getpid())  # fmt: skip
         await _serve(service, server, shutdown)
     finally:
         notify("STOPPING=1")

@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
 from daemon.client import Client, RequestFailedError
@@ -274,3 +275,89 @@ def test_forget_erases_the_user(start: Any) -> None:
         with pytest.raises(RequestFailedError) as error:
             client.request("user", user="gone")
         assert error.value.code == "not_found"
+
+
+# ------------------------------------------------------------------------ with a model
+
+_V, _L = 20, 8
+
+
+@pytest.fixture(name="model_file", scope="module")
+def fixture_model_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny model trained on cyclic sequences m1 -> m2 -> ... -> m20 -> m1."""
+    import jax  # noqa: PLC0415 - only these tests need JAX in the test process
+
+    from kernels.modelfile import save_model  # noqa: PLC0415
+    from kernels.sasrec import SasrecConfig, init_params  # noqa: PLC0415
+    from kernels.train import default_optimizer, fit  # noqa: PLC0415
+
+    config = SasrecConfig(num_items=_V, max_len=_L, dim=16, num_blocks=1, dropout=0.0)
+    rows = [[(s + j) % _V + 1 for j in range(n)] for s in range(_V) for n in range(2, _L + 2)]
+    inputs = np.zeros((len(rows), _L), np.int32)
+    targets = np.zeros((len(rows), _L), np.int32)
+    for r, seq in enumerate(rows):
+        inputs[r, -(len(seq) - 1) :] = seq[:-1]
+        targets[r, -(len(seq) - 1) :] = seq[1:]
+    params, _ = fit(
+        init_params(jax.random.key(0), config), config, inputs, targets,
+        val_inputs=inputs[:32], val_targets=targets[:32, -1], epochs=40, batch_size=64,
+        seed=0, optimizer=default_optimizer(learning_rate=1e-2), patience=40, progress=False,
+    )  # fmt: skip
+    path = tmp_path_factory.mktemp("model") / "model.safetensors"
+    save_model(path, params, config, vocabulary=[f"m{i}" for i in range(1, _V + 1)])
+    return path
+
+
+def _model_config(path: Path) -> str:
+    return (
+        "max_candidates = 32\n[ranking]\n"
+        f'model_path = "{path}"\nmax_batch = 4\nbatch_buckets = [1, 4]\n'
+        "candidate_buckets = [8, 32]\n"
+    )
+
+
+def test_model_ranks_the_next_item_of_the_sequence(start: Any, model_file: Path) -> None:
+    """With a model, a user who viewed m3, m4, m5 gets m6 first; no compile after start."""
+    daemon = start(_model_config(model_file))
+    with daemon.client() as client:
+        assert client.request("health")["model"] is True
+        history = [_event(n, "view", user="seq", item=f"m{n}") for n in (3, 4, 5)]
+        client.request("ingest", events=history)
+        candidates = ["m1", "m9", "m6", "m12", "m15", "unknown-item"]
+        ranked = client.request("explain", user="seq", candidates=candidates)
+        assert ranked["items"][0] == "m6"
+        assert ranked["source"] == "model"
+        explain = dict(zip(ranked["items"], ranked["explain"], strict=True))
+        assert explain["unknown-item"]["known_to_model"] is False
+        assert explain["m6"]["model"] > explain["m1"]["model"]
+        compiled = client.request("stats")["compile_count"]
+        assert compiled == 2 + 2 * 2  # encode per batch bucket, score per (batch, candidates)
+        for n in range(30):
+            client.request("rank", user=f"x-{n % 3}", candidates=candidates[: 1 + n % 6])
+        assert client.request("stats")["compile_count"] == compiled
+
+
+def test_sighup_reloads_model_and_keeps_serving_on_a_bad_config(
+    start: Any, model_file: Path
+) -> None:
+    """SIGHUP swaps in the model the config now names; a broken config changes nothing."""
+    daemon = start()
+    with daemon.client() as client:
+        client.request("ingest", events=[_event(n, "view", user="h", item=f"m{n}") for n in (7, 8)])
+        assert client.request("rank", user="h", candidates=["m9", "m2"])["source"] == "features"
+        text = daemon.config.read_text() + _model_config(model_file)  # [server] continues
+        daemon.config.write_text(text)
+        daemon.proc.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 120
+        while not client.request("health")["model"]:
+            assert time.monotonic() < deadline, "the model was not loaded after SIGHUP"
+            time.sleep(0.2)
+        ranked = client.request("rank", user="h", candidates=["m2", "m9", "m4"])
+        assert (ranked["source"], ranked["items"][0]) == ("model", "m9")
+        daemon.config.write_text(text + "\n[nonsense]\n")
+        daemon.proc.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 30
+        while "reload_failed" not in (daemon.tmp / "daemon.log").read_text():
+            assert time.monotonic() < deadline, "no reload_failed in the log"
+            time.sleep(0.2)
+        assert client.request("rank", user="h", candidates=["m2", "m9"])["source"] == "model"
