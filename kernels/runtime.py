@@ -36,10 +36,11 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 
 from kernels._hostscore import fused_scores_host
 from kernels.sasrec import SasrecConfig, encode_users, param_shapes
-from kernels.scoring import gather_score_top_k, top_k_candidates
+from kernels.scoring import gather_score_top_k
 
 __all__ = ["BATCH_BUCKETS", "CANDIDATE_BUCKETS", "Ranker", "Scored", "WarmupReport", "bucket_for"]
 
@@ -247,6 +248,7 @@ class Ranker:
                     buf.scores,
                 )
                 top_scores, top_idx = (np.asarray(x) for x in compiled(buf.scores))
+                top_idx = np.where(top_scores > -np.inf, top_idx, -1)
                 scores = buf.scores[:rows, :cols].copy()
             else:
                 buf.fill(user_vecs, cand_idx, where, features)
@@ -296,12 +298,16 @@ class Ranker:
 
 def _top_k_kernel(scores: jax.Array, *, k: int) -> tuple[jax.Array, jax.Array]:
     """
-    The CPU path's compiled part: the top k of host-fused scores (``-inf`` = masked).
+    The CPU path's compiled part: ``lax.top_k`` of host-fused scores, and nothing else.
 
-    The scores themselves are not returned: the caller has them, and an input passed
-    through as an output costs a copy.
+    The host scores are finite or ``-inf`` (masked): the inputs were checked finite.
+    So `top_k_candidates`' NaN guard is not needed, and its rewrite of picked ``-inf``
+    slots to index -1 is done by the caller in numpy: every extra XLA fusion costs
+    tens of microseconds on the CPU backend here (measured: one TopK op 15 µs at
+    p50, the same with the guard and the rewrite 65-95 µs), more than the whole host
+    loop. The scores are not returned either: the caller has them.
     """
-    return top_k_candidates(scores, k=k)
+    return lax.top_k(scores, k)
 
 
 def _device_kernel(  # noqa: PLR0917 - the compiled signature, positional by design
