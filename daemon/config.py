@@ -20,7 +20,14 @@ import msgspec
 from daemon._errors import ConfigError
 from eventstore import FoldConfig, Limits
 
-__all__ = ["Config", "RankingSection", "ServerSection", "StoreSection", "load_config"]
+__all__ = [
+    "Config",
+    "MetricsSection",
+    "RankingSection",
+    "ServerSection",
+    "StoreSection",
+    "load_config",
+]
 
 DEFAULTS_SOURCE: Final = "<defaults>"
 
@@ -34,12 +41,15 @@ class StoreSection:
         data_dir: holds ``events.db`` and ``snapshots/`` (relative to the working directory).
         synchronous: SQLite durability; ``FULL`` (default) means an acknowledged event is on disk.
         snapshot_every_events: write a snapshot after this many new events.
+        snapshot_interval_s: the daemon also writes one when this long has passed since
+            the last and new events arrived (0: only by count).
         keep_snapshots: snapshot files kept.
     """
 
     data_dir: Path = Path("var")
     synchronous: str = "FULL"
     snapshot_every_events: int = 100_000
+    snapshot_interval_s: float = 300.0
     keep_snapshots: int = 2
 
     def __post_init__(self) -> None:
@@ -140,6 +150,26 @@ class RankingSection:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class MetricsSection:
+    """
+    ``[metrics]``: the optional Prometheus endpoint.
+
+    Args:
+        listen: ``host:port`` to serve ``/metrics`` on (e.g. ``127.0.0.1:9464``);
+            empty: no endpoint (the ``stats`` op still answers).
+    """
+
+    listen: str = ""
+
+    def __post_init__(self) -> None:
+        host, sep, port = self.listen.rpartition(":")
+        if self.listen and (not sep or not port.isdigit() or not 0 < int(port) < 65536):
+            msg = "listen must be host:port, e.g. 127.0.0.1:9464"
+            raise ValueError(msg)
+        del host
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Config:
     """The whole configuration; ``source`` names the file it came from."""
 
@@ -148,6 +178,7 @@ class Config:
     limits: Limits = field(default_factory=Limits)
     server: ServerSection = field(default_factory=ServerSection)
     ranking: RankingSection = field(default_factory=RankingSection)
+    metrics: MetricsSection = field(default_factory=MetricsSection)
     source: str = DEFAULTS_SOURCE
 
 
@@ -157,6 +188,7 @@ _SECTIONS: Final = {
     "limits": Limits,
     "server": ServerSection,
     "ranking": RankingSection,
+    "metrics": MetricsSection,
 }
 
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Any, Final
 
 import msgspec
@@ -103,17 +102,26 @@ Request = Rank | Explain | Ingest | UserInfo | Forget | Health | Stats
 _OPS: Final = ("rank", "explain", "ingest", "user", "forget", "health", "stats")
 
 
-@dataclass(frozen=True, slots=True)
 class ProtocolError(Exception):
     """A request that cannot be served: its stable ``code``, a message, the request id."""
 
-    code: str
-    message: str
-    request_id: RequestId = None
-    retry_after_ms: int | None = None
+    def __init__(
+        self, code: str, message: str, request_id: RequestId = None,
+        *, retry_after_ms: int | None = None,
+    ) -> None:  # fmt: skip
+        self.code = code
+        self.message = message
+        self.request_id = request_id
+        self.retry_after_ms = retry_after_ms
+        super().__init__(f"{code}: {message}")
 
-    def __str__(self) -> str:
-        return f"{self.code}: {self.message}"
+    def with_id(self, request_id: RequestId) -> ProtocolError:
+        """The same error for request ``request_id`` (unless it carries an id already)."""
+        if self.request_id is not None:
+            return self
+        return ProtocolError(
+            self.code, self.message, request_id, retry_after_ms=self.retry_after_ms
+        )
 
 
 class _IdOnly(msgspec.Struct):

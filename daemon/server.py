@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import os
 import socket
 import struct
@@ -234,8 +233,7 @@ class Server:
             self.requests += 1
             return encode_response(request_id, await self._handler(request))
         except ProtocolError as error:
-            rid = error.request_id if error.request_id is not None else request_id
-            return encode_error(dataclasses.replace(error, request_id=rid))
+            return encode_error(error.with_id(request_id))
         except Exception:  # noqa: BLE001 - any bug answers "internal"; the daemon lives on
             _log.exception("request_failed")
             return encode_error(

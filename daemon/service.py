@@ -31,6 +31,7 @@ import structlog
 
 from daemon._errors import DaemonError
 from daemon.config import DEFAULTS_SOURCE, Config, load_config
+from daemon.metrics import Metrics
 from daemon.protocol import (
     Forget,
     Health,
@@ -68,8 +69,11 @@ class _Batcher:
     request never waits, and under load batches grow while the previous one runs.
     """
 
-    def __init__(self, ranking: Ranking, executor: ThreadPoolExecutor, max_batch: int) -> None:
+    def __init__(
+        self, ranking: Ranking, executor: ThreadPoolExecutor, max_batch: int, metrics: Metrics
+    ) -> None:
         self._ranking = ranking
+        self._metrics = metrics
         self._executor = executor
         self.max_batch = max_batch
         self._queue: asyncio.Queue[tuple[Rank, asyncio.Future[RankedList]]] = asyncio.Queue(
@@ -102,6 +106,7 @@ class _Batcher:
                 continue
             self.batches += 1
             self.batched_requests += len(batch)
+            self._metrics.batch_size.observe(len(batch))
             for (_, future), result in zip(batch, results, strict=True):
                 if not future.done():
                     future.set_result(result)
@@ -121,6 +126,9 @@ class Service:
         self.decoder = EventDecoder(config.limits)
         self.model = _Model(None, (), "none", 0.0)
         self.counters = {"ingested": 0, "duplicates": 0, "rejected": 0, "ranked": 0, "busy": 0}
+        self.metrics = Metrics()
+        self.server: Server | None = None
+        self._last_snapshot = (time.monotonic(), -1)  # (when, state offset it covered)
 
     # ---------------------------------------------------------------- set-up
 
@@ -135,14 +143,61 @@ class Service:
             keep_snapshots=s.keep_snapshots,
             decoder=self.decoder,
         )
-        self.committer = GroupCommitter(self.store.append, name="daemon[writer]")
+        self._last_snapshot = (time.monotonic(), self.store.state.offset)
+        self.committer = GroupCommitter(self._append, name="daemon[writer]")
         self.model = _load_model(self.config)
         store = self.store
         self.ranking = Ranking(
             lambda: store.state, ranker=self.model.ranker, vocabulary=self.model.vocabulary,
             weights=_feature_weights(self.config),
         )  # fmt: skip
-        self.batcher = _Batcher(self.ranking, self.kernel_thread, self.config.ranking.max_batch)
+        self.batcher = _Batcher(
+            self.ranking, self.kernel_thread, self.config.ranking.max_batch, self.metrics
+        )
+        self._register_gauges()
+        if self.config.metrics.listen:
+            host, port = self.metrics.serve(self.config.metrics.listen)
+            _log.info("metrics_serving", address=f"{host}:{port}")
+
+    def _append(self, events: Sequence[Any], *, positions: Any = None) -> Any:
+        """The writer's sink: append + fold, then a snapshot if the interval has passed."""
+        assert self.store is not None
+        result = self.store.append(events, positions=positions)
+        interval = self.config.store.snapshot_interval_s
+        when, offset = self._last_snapshot
+        state_offset = self.store.state.offset
+        if interval and state_offset != offset and time.monotonic() - when >= interval:
+            self.store.snapshot()
+            self._last_snapshot = (time.monotonic(), state_offset)
+        return result
+
+    def _register_gauges(self) -> None:
+        store, committer, ranking = self.store, self.committer, self.ranking
+        assert store is not None
+        assert committer is not None
+        assert ranking is not None
+        gauges: dict[str, tuple[str, Any]] = {
+            "rerankd_writer_pending": ("Append requests waiting for the writer",
+                                       lambda: committer.pending),
+            "rerankd_log_offset": ("Last log offset folded into the state",
+                                   lambda: store.state.offset),
+            "rerankd_users": ("Users in the state", lambda: len(store.state.user_index)),
+            "rerankd_items": ("Items in the state", lambda: store.state.n_items),
+            "rerankd_snapshot_age_seconds": ("Seconds since the last snapshot",
+                                             lambda: time.monotonic() - self._last_snapshot[0]),
+            "rerankd_vector_cache_hits": ("User vectors served from cache",
+                                          lambda: ranking.cache_hits),
+            "rerankd_vector_cache_misses": ("User vectors encoded", lambda: ranking.cache_misses),
+            "rerankd_compiled_kernels": ("Compiled kernel executables", self._compile_count),
+            "rerankd_connections": ("Open socket connections",
+                                    lambda: self.server.connections if self.server else 0),
+        }  # fmt: skip
+        for name, (doc, read) in gauges.items():
+            self.metrics.gauge(name, doc, read)
+
+    def _compile_count(self) -> int:
+        ranker = self.ranking.ranker if self.ranking else None
+        return ranker.compile_count if ranker else 0
 
     async def reload(self) -> None:
         """
@@ -181,11 +236,22 @@ class Service:
         if self.store is not None:
             self.store.close()
         self.kernel_thread.shutdown(wait=True)
+        self.metrics.close()
 
     # -------------------------------------------------------------- handlers
 
     async def handle(self, request: Request) -> dict[str, Any]:
-        """Route one request to its handler."""
+        """Route one request to its handler, counting it and its errors."""
+        op = type(request).__struct_config__.tag
+        self.metrics.requests.labels(op=op).inc()
+        with structlog.contextvars.bound_contextvars(request_id=request.id, op=op):
+            try:
+                return await self._route(request)
+            except ProtocolError as error:
+                self.metrics.errors.labels(code=error.code).inc()
+                raise
+
+    async def _route(self, request: Request) -> dict[str, Any]:
         if isinstance(request, Rank):
             return await self._rank(request)
         if isinstance(request, Ingest):
@@ -203,7 +269,9 @@ class Service:
 
     async def _rank(self, request: Rank) -> dict[str, Any]:
         assert self.batcher is not None
+        started = time.perf_counter()
         result = await self.batcher.rank(request)
+        self.metrics.observe_rank(time.perf_counter() - started)
         self.counters["ranked"] += 1
         ranking_id = f"r-{uuid.uuid4().hex}"
         if self.config.ranking.record_impressions and result.items:
@@ -227,6 +295,7 @@ class Service:
         decoded = await asyncio.to_thread(self.decoder.decode, bytes(raw))
         rejected = [{"index": r.index, "error": str(r.error)} for r in decoded.rejected]
         self.counters["rejected"] += len(rejected)
+        self.metrics.events.labels(outcome="rejected").inc(len(rejected))
         accepted = duplicates = 0
         if decoded.events:
             result = await self._submit(decoded.events)
@@ -234,6 +303,8 @@ class Service:
             duplicates = result.status.count("duplicate")
         self.counters["ingested"] += accepted
         self.counters["duplicates"] += duplicates
+        self.metrics.events.labels(outcome="accepted").inc(accepted)
+        self.metrics.events.labels(outcome="duplicate").inc(duplicates)
         return {"accepted": accepted, "duplicates": duplicates, "rejected": rejected}
 
     async def _submit(self, events: Sequence[Any]) -> Any:
@@ -280,9 +351,12 @@ class Service:
             "rank_batches": self.batcher.batches,
             "rank_batched_requests": self.batcher.batched_requests,
             "vector_cache": {"hits": self.ranking.cache_hits, "misses": self.ranking.cache_misses},
+            "rank_latency_ms": self.metrics.rank_percentiles_ms(),
+            "connections": self.server.connections if self.server else 0,
+            "snapshot_age_s": round(time.monotonic() - self._last_snapshot[0], 3),
             "model": self.model.source,
             "warmup_s": round(self.model.warmup_s, 3),
-            "compile_count": self.ranking.ranker.compile_count if self.ranking.ranker else 0,
+            "compile_count": self._compile_count(),
         }
 
 
@@ -360,6 +434,7 @@ async def _main(config: Config) -> int:
             max_candidates=config.server.max_candidates, max_id_bytes=config.limits.max_id_bytes
         ),
     )
+    service.server = server
     try:
         await server.start(sock)
         notify("READY=1", f"STATUS=serving on {socket_path or 'an inherited socket'}")
