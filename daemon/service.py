@@ -54,6 +54,8 @@ from kernels.runtime import Ranker
 __all__ = ["Service", "ShutdownRequested", "run"]
 
 _log = structlog.get_logger("daemon.service")
+_IMPRESSION_FLUSH_S = 0.05
+_MAX_PENDING_IMPRESSIONS = 100_000
 
 
 class ShutdownRequested(Exception):  # noqa: N818 - control flow, not an error (STYLE.md 6)
@@ -125,7 +127,9 @@ class Service:
         self.batcher: _Batcher | None = None
         self.decoder = EventDecoder(config.limits)
         self.model = _Model(None, (), "none", 0.0)
-        self.counters = {"ingested": 0, "duplicates": 0, "rejected": 0, "ranked": 0, "busy": 0}
+        self.counters = {"ingested": 0, "duplicates": 0, "rejected": 0, "ranked": 0, "busy": 0,
+                         "impressions_dropped": 0}  # fmt: skip
+        self._impressions: list[ItemsShown] = []
         self.metrics = Metrics()
         self.server: Server | None = None
         self._last_snapshot = (time.monotonic(), -1)  # (when, state offset it covered)
@@ -230,6 +234,7 @@ class Service:
 
     def close(self) -> None:
         """Flush the writer, snapshot and close the log (idempotent)."""
+        self._flush_impressions()
         if self.committer is not None:
             self.committer.close()
             self.committer = None
@@ -283,12 +288,35 @@ class Service:
         return body
 
     def _record_impression(self, user: str, items: list[str], ranking_id: str) -> None:
-        """Log what was shown, without waiting: the answer does not depend on it."""
-        assert self.committer is not None
+        """
+        Queue what was shown for the log, without waiting: the answer does not depend on it.
+
+        Impressions are flushed together every ``_IMPRESSION_FLUSH_S`` by
+        `flush_impressions` (one append for many answers): one append per answer
+        costs the writer a transaction each and, on 2 cores, took about 1 ms off
+        every answer's latency.
+        """
         shown = ItemsShown(id=ranking_id, ts=time.time(), user=user, items=items[:256],
                            ranking_id=ranking_id)  # fmt: skip
-        with contextlib.suppress(BackpressureError):  # under overload, attribution yields first
-            self.committer.submit([shown])
+        if len(self._impressions) < _MAX_PENDING_IMPRESSIONS:
+            self._impressions.append(shown)
+        else:
+            self.counters["impressions_dropped"] += 1  # overload: attribution yields first
+
+    async def flush_impressions(self) -> None:
+        """Append the queued impressions every ``_IMPRESSION_FLUSH_S``, as one request."""
+        while True:
+            await asyncio.sleep(_IMPRESSION_FLUSH_S)
+            self._flush_impressions()
+
+    def _flush_impressions(self) -> None:
+        if not self._impressions or self.committer is None:
+            return
+        batch, self._impressions = self._impressions, []
+        try:
+            self.committer.submit(batch)
+        except BackpressureError:
+            self.counters["impressions_dropped"] += len(batch)
 
     async def _ingest(self, raw: Any) -> dict[str, Any]:
         assert self.committer is not None
@@ -457,6 +485,7 @@ async def _serve(service: Service, server: Server, shutdown: asyncio.Event) -> N
         async with asyncio.TaskGroup() as tg:
             tg.create_task(service.batcher.run(), name="daemon[ranking].batcher")
             tg.create_task(_watchdog(), name="daemon[systemd].watchdog")
+            tg.create_task(service.flush_impressions(), name="daemon[ranking].impressions")
             tg.create_task(
                 _stop_on(shutdown, server, service.config.server.graceful_timeout_s),
                 name="daemon[main].shutdown",

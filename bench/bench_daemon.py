@@ -1,0 +1,306 @@
+"""
+Daemon benchmark: a load generator over the real Unix socket of a real `rerankd run`.
+
+    python bench/bench_daemon.py            # full run, about 4 minutes
+    python bench/bench_daemon.py --quick    # about 1 minute
+
+What it measures, with the sequential model on (a SASRec model of 10,000 items, L =
+50, d = 64, 2 blocks, random weights: latency does not depend on what it learned) and
+500 candidates per rank request:
+
+- rank latency p50/p99/p99.9 and throughput at 1, 8, 32 and 128 connections, each a
+  closed loop (send, wait for the answer, send again), without and with a concurrent
+  ingest stream of 10,000 events/s on its own connection;
+- at 1 connection: users whose vector is cached, and users right after a new event
+  of theirs (the vector is re-encoded on the request path);
+- event-to-visible latency: from sending an event that makes a fresh item popular to
+  the first rank answer, on another connection, that puts it first.
+
+The load generator runs on the same 2 cores as the daemon, so its own CPU time
+competes with the daemon's: the figures are what one machine does end to end.
+Writes bench/out/daemon.json and prints a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import datetime as dt
+import json
+import os
+import platform
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+N_ITEMS = 10_000
+N_USERS = 2_000
+N_CANDIDATES = 500
+INGEST_RATE = 10_000  # events/s of the concurrent stream
+_enc = msgspec.json.Encoder()
+
+
+# ----------------------------------------------------------------------- set-up
+
+
+def make_model(path: Path) -> None:
+    """A random SASRec model of N_ITEMS items (L = 50, d = 64, 2 blocks)."""
+    import jax  # noqa: PLC0415 - only the set-up needs JAX in this process
+
+    from kernels.modelfile import save_model  # noqa: PLC0415
+    from kernels.sasrec import SasrecConfig, init_params  # noqa: PLC0415
+
+    config = SasrecConfig(num_items=N_ITEMS, max_len=50, dim=64, num_blocks=2, num_heads=1)
+    params = init_params(jax.random.key(0), config)
+    save_model(path, params, config, vocabulary=[f"sku-{i}" for i in range(N_ITEMS)])
+
+
+def start_daemon(tmp: Path, ranking: str = "") -> tuple[subprocess.Popen[bytes], Path]:
+    sock = tmp / "rerankd.sock"
+    (tmp / "rerankd.toml").write_text(
+        f'[store]\ndata_dir = "{tmp / "data"}"\n'
+        f'[server]\nsocket_path = "{sock}"\nmax_connections = 512\n'
+        f'[ranking]\nmodel_path = "{tmp / "model.safetensors"}"\n'
+        "batch_buckets = [1, 2, 4, 8, 16, 32, 64]\ncandidate_buckets = [512]\n" + ranking
+    )
+    notify = tmp / "notify.sock"
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    listener.bind(str(notify))
+    env = os.environ | {"NOTIFY_SOCKET": str(notify), "PYTHONPATH": str(ROOT)}
+    log = (tmp / "daemon.log").open("wb")
+    proc = subprocess.Popen(  # noqa: S603 - our own interpreter and module
+        [sys.executable, "-m", "daemon.cli", "run", "--log-level", "warning",
+         "--config", str(tmp / "rerankd.toml")],
+        env=env, stdout=log, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    listener.settimeout(300)
+    while b"READY=1" not in listener.recv(4096):
+        pass
+    listener.close()
+    return proc, sock
+
+
+# ------------------------------------------------------------------- the client
+
+
+class Conn:
+    """One pipelining-capable connection (used here one request at a time)."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader, self.writer, self.n = reader, writer, 0
+
+    @classmethod
+    async def open(cls, path: Path) -> Conn:
+        reader, writer = await asyncio.open_unix_connection(str(path), limit=1 << 24)
+        return cls(reader, writer)
+
+    async def call(self, op: str, **fields: Any) -> dict[str, Any]:
+        self.n += 1
+        self.writer.write(_enc.encode({"id": self.n, "op": op, **fields}) + b"\n")
+        answer = msgspec.json.decode(await self.reader.readline())
+        if not answer.get("ok"):
+            msg = f"{op}: {answer}"
+            raise RuntimeError(msg)
+        return answer  # type: ignore[no-any-return]
+
+    async def close(self) -> None:
+        self.writer.close()
+        with contextlib.suppress(OSError):
+            await self.writer.wait_closed()
+
+
+def _event(n: int, user: str, item: str, kind: str = "view") -> dict[str, Any]:
+    return {"id": f"b-{n}", "type": kind, "user": user, "item": item, "ts": time.time() - 1}
+
+
+async def populate(path: Path, rng: np.random.Generator) -> None:
+    """N_USERS users with 30 views each, in batches of 1000."""
+    conn = await Conn.open(path)
+    events = [_event(k, f"user-{k % N_USERS}", f"sku-{int(rng.integers(N_ITEMS))}")
+              for k in range(N_USERS * 30)]  # fmt: skip
+    for start in range(0, len(events), 1000):
+        await conn.call("ingest", events=events[start : start + 1000])
+    await conn.close()
+
+
+# -------------------------------------------------------------------- workloads
+
+
+async def closed_loop(
+    path: Path, connections: int, seconds: float, users: list[str], rng: np.random.Generator
+) -> dict[str, Any]:
+    """Rank latencies of ``connections`` closed loops for ``seconds``."""
+    conns = [await Conn.open(path) for _ in range(connections)]
+    cands = [f"sku-{i}" for i in rng.choice(N_ITEMS, N_CANDIDATES, replace=False)]
+    latencies: list[float] = []
+    deadline = time.perf_counter() + seconds
+
+    async def loop(conn: Conn, k: int) -> None:
+        i = k
+        while time.perf_counter() < deadline:
+            started = time.perf_counter()
+            await conn.call("rank", user=users[i % len(users)], candidates=cands, k=20)
+            latencies.append(time.perf_counter() - started)
+            i += connections
+
+    wall = time.perf_counter()
+    await asyncio.gather(*(loop(c, k) for k, c in enumerate(conns)))
+    wall = time.perf_counter() - wall
+    for c in conns:
+        await c.close()
+    return summarize(latencies, wall)
+
+
+async def ingest_stream(path: Path, stop: asyncio.Event, counter: list[int]) -> None:
+    """INGEST_RATE events/s in batches of 100 every 10 ms, on its own connection."""
+    conn = await Conn.open(path)
+    n = 10_000_000
+    next_at = time.perf_counter()
+    while not stop.is_set():
+        batch = [_event(n + j, f"user-{(n + j) % N_USERS}", f"sku-{(n * 7 + j) % N_ITEMS}")
+                 for j in range(INGEST_RATE // 100)]  # fmt: skip
+        n += len(batch)
+        await conn.call("ingest", events=batch)
+        counter[0] += len(batch)
+        next_at += 0.01
+        await asyncio.sleep(max(0.0, next_at - time.perf_counter()))
+    await conn.close()
+
+
+async def after_new_event(path: Path, rounds: int) -> dict[str, Any]:
+    """Rank latency right after the user's own new event (the vector is re-encoded)."""
+    conn = await Conn.open(path)
+    cands = [f"sku-{i}" for i in range(N_CANDIDATES)]
+    latencies = []
+    for r in range(rounds):
+        user = f"user-{r % N_USERS}"
+        await conn.call("ingest", events=[_event(20_000_000 + r, user, f"sku-{r % N_ITEMS}")])
+        started = time.perf_counter()
+        await conn.call("rank", user=user, candidates=cands, k=20)
+        latencies.append(time.perf_counter() - started)
+    await conn.close()
+    return summarize(latencies, None)
+
+
+async def event_to_visible(path: Path, rounds: int) -> dict[str, Any]:
+    """From sending a purchase of a fresh item to a rank (other connection) showing it first."""
+    writer, reader = await Conn.open(path), await Conn.open(path)
+    delays = []
+    for r in range(rounds):
+        fresh = f"fresh-{r}"
+        sent = time.perf_counter()
+        ack = asyncio.create_task(
+            writer.call("ingest", events=[_event(30_000_000 + r, "buyer", fresh, "purchase")])
+        )
+        while True:
+            ranked = await reader.call("rank", user="viewer", candidates=["never-seen", fresh])
+            if ranked["items"][0] == fresh:
+                delays.append(time.perf_counter() - sent)
+                break
+        await ack
+    for c in (writer, reader):
+        await c.close()
+    return summarize(delays, None)
+
+
+def summarize(samples: list[float], wall: float | None) -> dict[str, Any]:
+    a = np.asarray(samples) * 1e3
+    out: dict[str, Any] = {
+        "n": len(a),
+        "p50_ms": round(float(np.percentile(a, 50)), 3),
+        "p99_ms": round(float(np.percentile(a, 99)), 3),
+        "p999_ms": round(float(np.percentile(a, 99.9)), 3),
+    }
+    if wall:
+        out["per_s"] = round(len(a) / wall, 1)
+    return out
+
+
+# ------------------------------------------------------------------------- main
+
+
+async def run_all(path: Path, quick: bool) -> dict[str, Any]:  # noqa: FBT001
+    rng = np.random.default_rng(0)
+    await populate(path, rng)
+    seconds = 3.0 if quick else 10.0
+    users = [f"user-{k}" for k in range(N_USERS)]
+    results: dict[str, Any] = {"rank": {}, "rank_with_ingest": {}}
+    warm = await closed_loop(path, 8, 2.0, users, rng)  # every user's vector cached
+    results["warm_up"] = warm
+    for c in (1, 8, 32, 128):
+        results["rank"][c] = await closed_loop(path, c, seconds, users, rng)
+        print(f"rank, {c:>3} connections: {results['rank'][c]}", flush=True)
+    for c in (1, 8, 32, 128):
+        stop, counter = asyncio.Event(), [0]
+        stream = asyncio.create_task(ingest_stream(path, stop, counter))
+        started = time.perf_counter()
+        figures = await closed_loop(path, c, seconds, users, rng)
+        stop.set()
+        await stream
+        figures["ingested_per_s"] = round(counter[0] / (time.perf_counter() - started), 1)
+        results["rank_with_ingest"][c] = figures
+        print(f"rank + ingest, {c:>3} connections: {figures}", flush=True)
+    results["cached_1_connection"] = results["rank"][1]
+    results["after_new_event"] = await after_new_event(path, 200 if quick else 1000)
+    print(f"rank right after the user's event: {results['after_new_event']}", flush=True)
+    results["event_to_visible"] = await event_to_visible(path, 100 if quick else 500)
+    print(f"event to visible: {results['event_to_visible']}", flush=True)
+    return results
+
+
+def verdicts(r: dict[str, Any]) -> list[dict[str, str]]:
+    checks = [
+        ("p99 <= 1 ms at 1 connection, cached vector", r["rank"][1]["p99_ms"], 1.0, "le"),
+        ("p99 <= 2 ms right after the user's new event", r["after_new_event"]["p99_ms"], 2.0, "le"),
+        (">= 5,000 rank/s at 32 connections", r["rank"][32]["per_s"], 5000.0, "ge"),
+        ("event visible to rank within 10 ms p99", r["event_to_visible"]["p99_ms"], 10.0, "le"),
+    ]  # fmt: skip
+    out = []
+    for name, value, bound, how in checks:
+        met = value <= bound if how == "le" else value >= bound
+        out.append({"target": name, "measured": str(value), "verdict": "MET" if met else "MISSED"})
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[1])
+    parser.add_argument("--quick", action="store_true", help="3 s per cell instead of 10 s")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp_name:
+        tmp = Path(tmp_name)
+        make_model(tmp / "model.safetensors")
+        proc, path = start_daemon(tmp)
+        try:
+            results = asyncio.run(run_all(path, args.quick))
+        finally:
+            proc.terminate()
+            proc.wait(timeout=60)
+    results["targets"] = verdicts(results)
+    results["machine"] = {
+        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+        "python": platform.python_version(), "quick": args.quick,
+        "git_commit": subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT,  # noqa: S607
+                                     capture_output=True, text=True, check=False).stdout.strip(),
+    }  # fmt: skip
+    for t in results["targets"]:
+        print(f"{t['verdict']:>6}  {t['target']}: {t['measured']}")
+    out = ROOT / "bench" / "out" / "daemon.json"
+    out.parent.mkdir(exist_ok=True)
+    out.write_text(json.dumps(results, indent=2))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
