@@ -1,23 +1,41 @@
 """
 The ``rerankd`` command line.
 
-Errors become one line on stderr and a non-zero exit (``click.ClickException``);
-logs are JSON on stderr, so stdout is only the command's output.
+``rank``, ``ingest``, ``user``, ``stats`` and ``forget`` ask the running daemon over its
+socket (``user`` and ``forget`` open the store directly with ``--offline``, for a
+stopped daemon); ``import``, ``summary``, ``item``, ``log`` and ``snapshot`` open the
+store directly. Errors become one line ``rerankd: …`` on stderr and exit status 1
+(`CliError`); logs go to stderr, so stdout is only the command's output.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+import re
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from functools import wraps
 from pathlib import Path
-from typing import Any, Final, TypeVar
+from typing import IO, Any, Final, TypeVar
 
 import click
 
+from daemon._cli_socket import (
+    CliError,
+    IngestReport,
+    ask,
+    connect,
+    count_lines,
+    ingest,
+    read_batches,
+    render_ingest,
+    render_ranking,
+    render_stats,
+    render_user,
+)
 from daemon._errors import DaemonError
 from daemon.config import Config, load_config
 from daemon.logs import configure_logging
@@ -47,7 +65,7 @@ def _friendly(fn: F) -> F:
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
             sys.exit(1)
         except (DaemonError, StoreError, ValueError, OSError) as e:
-            raise click.ClickException(str(e)) from e
+            raise CliError(str(e)) from e
 
     return wrapper  # type: ignore[return-value]
 
@@ -74,36 +92,64 @@ config_option = click.option(
     help="TOML config (default: the embedded default, ./var/).",
 )
 json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+socket_option = click.option(
+    "--socket",
+    "socket_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    envvar="RERANKD_SOCKET",
+    help="The daemon's socket (default: [server].socket_path of the config).",
+)
+offline_option = click.option(
+    "--offline",
+    is_flag=True,
+    help="Open the store directly instead of asking the daemon (only while it is stopped).",
+)
+_LEVELS: Final = click.Choice(["debug", "info", "warning", "error"])
+daemon_log_level_option = click.option(
+    "--log-level",
+    "run_log_level",
+    default="info",
+    show_default=True,
+    type=_LEVELS,
+    help="The daemon's log level (its logs go to stdout).",
+)
+
+
+def _socket(config_path: Path | None, socket_path: Path | None) -> Path:
+    """``--socket``, else the config's [server].socket_path."""
+    return socket_path or load_config(config_path).server.socket_path
+
+
+def _ask(
+    config_path: Path | None, socket_path: Path | None, op: str, *, offline_hint: bool = False,
+    **fields: Any,
+) -> dict[str, Any]:  # fmt: skip
+    """One request to the daemon; its answer, or a `CliError`."""
+    with connect(_socket(config_path, socket_path), offline_hint=offline_hint) as client:
+        return ask(client, op, **fields)
 
 
 @click.group()
-@click.option(
-    "--log-level",
-    default="warning",
-    show_default=True,
-    type=click.Choice(["debug", "info", "warning", "error"]),
-)
+@click.option("--log-level", default="warning", show_default=True, type=_LEVELS)
 def main(log_level: str) -> None:
     """rerankd: a real-time, event-sourced personalized re-ranking daemon."""
     configure_logging(level=log_level)
 
 
 @main.command()
-@click.option(
-    "--log-level",
-    "run_log_level",
-    default="info",
-    show_default=True,
-    type=click.Choice(["debug", "info", "warning", "error"]),
-)
+@daemon_log_level_option
 @config_option
 @_friendly
 def run(run_log_level: str, config_path: Path | None) -> None:
-    """Run the daemon: serve the socket API until SIGTERM (logs are JSON on stdout)."""
+    """Run the daemon: serve the socket API until SIGTERM (logs on stdout, JSON off a tty)."""
+    _serve(load_config(config_path), run_log_level)
+
+
+def _serve(config: Config, log_level: str) -> None:
     from daemon.service import run as run_daemon  # noqa: PLC0415 - JAX loads only for the daemon
 
-    configure_logging(stream=sys.stdout, level=run_log_level)
-    sys.exit(run_daemon(load_config(config_path)))
+    configure_logging(stream=sys.stdout, level=log_level)
+    sys.exit(run_daemon(config))
 
 
 @main.command("import")
@@ -180,17 +226,28 @@ def _print_summary(store: Store, config: Config, *, as_json: bool) -> None:
     help="Default: ../shared/datasets/ml-100k (MovieLens 100K).",
 )
 @click.option("--format", "fmt", type=click.Choice(FORMATS), default="movielens", show_default=True)
+@click.option("--no-serve", is_flag=True, help="Import and print only; do not run the daemon.")
+@daemon_log_level_option
 @config_option
 @_friendly
-def demo(dataset: Path | None, fmt: str, config_path: Path | None) -> None:
-    """Import the public demo data into the embedded default and print the state summary."""
+def demo(
+    *, dataset: Path | None, fmt: str, no_serve: bool, run_log_level: str,
+    config_path: Path | None,
+) -> None:  # fmt: skip
+    """
+    The main job: import the demo data, then run the daemon on it.
+
+    Imports the public demo data into the embedded default (idempotent), prints the
+    state summary and how to query the daemon, then serves the socket API in the
+    foreground (logs on stdout) until Ctrl-C or SIGTERM.
+    """
     dataset = dataset or next((p for p in DEMO_DATASETS if p.exists()), None)
     if dataset is None:
         msg = (
             "dataset: the demo data was not found at "
             f"{', '.join(map(str, DEMO_DATASETS))}; pass --dataset PATH"
         )
-        raise click.ClickException(msg)
+        raise CliError(msg)
     config = load_config(config_path)
     with _store(config) as store:
         report = import_dataset(store, dataset, fmt=fmt)  # type: ignore[arg-type]
@@ -199,20 +256,192 @@ def demo(dataset: Path | None, fmt: str, config_path: Path | None) -> None:
             f"({report.duplicates} were already in the log) in {report.seconds:.1f} s\n"
         )
         _print_summary(store, config, as_json=False)
-    click.echo("\nnext: `rerankd user 1` shows user 1's state; `rerankd log` inspects the log")
+    click.echo(_demo_next_steps(config, config_path, serving=not no_serve))
+    if not no_serve:
+        _serve(config, run_log_level)
+
+
+def _demo_next_steps(config: Config, config_path: Path | None, *, serving: bool) -> str:
+    flag = f" --config {config_path}" if config_path else ""
+    when = (
+        "from another terminal, while this one runs the daemon (Ctrl-C stops it)"
+        if serving
+        else f"once the daemon runs (`rerankd run{flag}`)"
+    )
+    commands = [
+        (f"rerankd rank 1 50 181 100{flag}", "rank movies 50, 181 and 100 for user 1"),
+        (f"rerankd rank 1 50 181 100 --explain{flag}", "the same, with each score's parts"),
+        (f"rerankd user 1{flag}", "user 1's state"),
+        (f"rerankd ingest events.jsonl{flag}", "send events (JSON lines) to the daemon"),
+        (f"rerankd stats{flag}", "the daemon's counters"),
+    ]
+    width = max(len(c) for c, _ in commands)
+    lines = [f"\nquery it {when}:"]
+    lines += [f"  {c:<{width}}  # {what}" for c, what in commands]
+    lines.append(f"the socket is {config.server.socket_path}: one JSON request per line")
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------ over the socket
 
 
 @main.command()
 @click.argument("user")
+@click.argument("items", nargs=-1, required=True)
+@click.option("-k", "--k", "k", type=click.IntRange(min=1), help="Return at most K items.")
+@click.option("--explain", is_flag=True, help="Show the parts of each score.")
+@json_option
+@socket_option
 @config_option
 @_friendly
-def user(user: str, config_path: Path | None) -> None:
-    """Print one user's state (recent items, interests, counters) as JSON."""
-    with _store(load_config(config_path)) as store:
-        view = store.state.user_view(user)
-    if view is None:
-        raise click.ClickException("user: not in the state (never seen, or forgotten)")
-    click.echo(json.dumps(view, indent=2))
+def rank(
+    *, user: str, items: tuple[str, ...], k: int | None, explain: bool, as_json: bool,
+    socket_path: Path | None, config_path: Path | None,
+) -> None:  # fmt: skip
+    """Ask the daemon to rank ITEMS for USER; prints them best first."""
+    fields: dict[str, Any] = {"user": user, "candidates": list(items), "explain": explain}
+    if k is not None:
+        fields["k"] = k
+    answer = _ask(config_path, socket_path, "rank", **fields)
+    click.echo(json.dumps(answer, indent=2) if as_json else render_ranking(answer))
+
+
+@main.command("ingest")
+@click.argument(
+    "source", default="-", type=click.Path(exists=True, dir_okay=False, allow_dash=True)
+)
+@click.option(
+    "--batch", "batch_size", default=500, show_default=True, type=click.IntRange(1, 100_000),
+    help="Events per ingest request.",
+)  # fmt: skip
+@click.option(
+    "--window", default=4, show_default=True, type=click.IntRange(1, 64),
+    help="Requests in flight at once (1 keeps the input's order exactly).",
+)  # fmt: skip
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+@socket_option
+@config_option
+@_friendly
+def ingest_cmd(
+    *, source: str, batch_size: int, window: int, quiet: bool,
+    socket_path: Path | None, config_path: Path | None,
+) -> None:  # fmt: skip
+    """
+    Send events to the daemon, from SOURCE or stdin (`-` or no SOURCE).
+
+    SOURCE holds JSON lines (one event object per line) or one JSON array. Duplicate
+    ids are no-ops, so sending a file again adds nothing. Prints what was accepted,
+    duplicated and rejected (with line numbers); exit status 1 when an event was
+    rejected or could not be sent.
+    """
+    config = load_config(config_path)
+    report = IngestReport()
+    with (
+        connect(socket_path or config.server.socket_path, timeout_s=120) as client,
+        _input(source) as stream,
+        _progress(source, quiet=quiet) as bar,
+    ):
+        batches = read_batches(
+            stream, report, bar, size=batch_size, max_line_bytes=config.server.max_line_bytes
+        )
+        ingest(client, batches, report, bar, window=window)
+    click.echo(render_ingest("stdin" if source == "-" else source, report))
+    if report.failure:
+        raise CliError(report.failure)
+    if not report.ok:
+        sys.exit(1)
+
+
+@contextmanager
+def _input(source: str) -> Iterator[IO[bytes]]:
+    if source != "-":
+        with Path(source).open("rb") as f:
+            yield f
+        return
+    if sys.stdin.isatty():
+        click.echo("reading events from stdin (JSON lines; Ctrl-D ends)", err=True)
+    yield sys.stdin.buffer
+
+
+@contextmanager
+def _progress(source: str, *, quiet: bool) -> Iterator[Any]:
+    """A tqdm bar on stderr, only when stderr is a terminal and not ``quiet``."""
+    from tqdm import tqdm  # noqa: PLC0415 - only ingest draws one
+
+    disable = quiet or not sys.stderr.isatty()
+    total = None if disable or source == "-" else count_lines(Path(source))
+    with tqdm(
+        total=total,
+        unit=" events",
+        unit_scale=True,
+        desc="ingest",
+        file=sys.stderr,
+        disable=disable,
+    ) as bar:
+        yield bar
+
+
+@main.command()
+@json_option
+@socket_option
+@config_option
+@_friendly
+def stats(*, as_json: bool, socket_path: Path | None, config_path: Path | None) -> None:
+    """Print the daemon's counters, queue depths and cache figures."""
+    answer = _ask(config_path, socket_path, "stats")
+    body = {k: v for k, v in answer.items() if k not in {"id", "ok"}}
+    click.echo(json.dumps(body, indent=2) if as_json else render_stats(body))
+
+
+@main.command()
+@click.argument("user")
+@offline_option
+@json_option
+@socket_option
+@config_option
+@_friendly
+def user(
+    *, user: str, offline: bool, as_json: bool, socket_path: Path | None,
+    config_path: Path | None,
+) -> None:  # fmt: skip
+    """Print one user's state: recent items, interests, counters."""
+    if offline:
+        with _store(load_config(config_path)) as store:
+            view = store.state.user_view(user)
+        if view is None:
+            raise CliError("user: not in the state (never seen, or forgotten)")
+    else:
+        view = _ask(config_path, socket_path, "user", offline_hint=True, user=user)["user"]
+    click.echo(json.dumps(view, indent=2) if as_json else render_user(user, view))
+
+
+@main.command()
+@click.argument("user")
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+@offline_option
+@socket_option
+@config_option
+@_friendly
+def forget(
+    *, user: str, yes: bool, offline: bool, socket_path: Path | None, config_path: Path | None
+) -> None:
+    """Erase USER from the log, the state and the snapshots (irreversible)."""
+    question = f"erase user {user} everywhere? this cannot be undone"
+    if offline:
+        if not yes:
+            click.confirm(question, abort=True)
+        with _store(load_config(config_path)) as store:
+            deleted = store.forget(user)
+        click.echo(f"erased: {deleted} events deleted, tombstone kept")
+        return
+    with connect(_socket(config_path, socket_path), offline_hint=True) as client:
+        if not yes:  # asked once the daemon is known to be there
+            click.confirm(question, abort=True)
+        ask(client, "forget", user=user)
+    click.echo(f"erased user {user} everywhere; a tombstone is kept")
+
+
+# ------------------------------------------------------------------ the store, offline
 
 
 @main.command()
@@ -224,7 +453,7 @@ def item(item: str, config_path: Path | None) -> None:
     with _store(load_config(config_path)) as store:
         view = store.state.item_view(item)
     if view is None:
-        raise click.ClickException("item: not in the state")
+        raise CliError("item: not in the state")
     click.echo(json.dumps(view, indent=2))
 
 
@@ -263,19 +492,70 @@ def snapshot(config_path: Path | None) -> None:
     click.echo(f"wrote {path}")
 
 
-@main.command()
-@click.argument("user")
-@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+@main.command("check-config")
+@json_option
 @config_option
 @_friendly
-def forget(user: str, yes: bool, config_path: Path | None) -> None:  # noqa: FBT001
-    """Erase a user from the log, the state and the snapshots (irreversible)."""
-    if not yes:
-        click.confirm("erase this user everywhere? this cannot be undone", abort=True)
-    with _store(load_config(config_path)) as store:
-        deleted = store.forget(user)
-    click.echo(f"erased: {deleted} events deleted, tombstone kept")
+def check_config(*, as_json: bool, config_path: Path | None) -> None:
+    """Check the config strictly and print every key's effective value."""
+    config = load_config(config_path)
+    sections = _config_sections(config)
+    if as_json:
+        click.echo(json.dumps({"source": config.source, **sections}, indent=2))
+        return
+    click.echo(f"# the effective config from {config.source}, defaults filled in")
+    for name, values in sections.items():
+        click.echo(f"\n[{name}]")
+        for key, value in values.items():
+            click.echo(f"{key} = {_toml_value(key, value)}")
+
+
+def _config_sections(config: Config) -> dict[str, dict[str, Any]]:
+    """Every section of ``config`` as plain JSON-able values, in declaration order."""
+    sections = {}
+    for f in dataclasses.fields(config):
+        section = getattr(config, f.name)
+        if dataclasses.is_dataclass(section):
+            sections[f.name] = {
+                g.name: _plain(getattr(section, g.name)) for g in dataclasses.fields(section)
+            }
+    return sections
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, tuple | list):
+        return [_plain(v) for v in value]
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    return value
+
+
+_BARE_KEY: Final = re.compile(r"[A-Za-z0-9_-]+")
+
+
+def _toml_value(key: str, value: Any) -> str:  # noqa: PLR0911 - one return per TOML type
+    """``value`` written as TOML that `load_config` reads back to the same value."""
+    if value is None:
+        return '""  # unset'
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int) and key.endswith("_mode"):
+        return oct(value)  # permission bits read best in octal, which TOML allows
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value("", v) for v in value) + "]"
+    if isinstance(value, dict):
+        pairs = (f"{_toml_key(k)} = {_toml_value(k, v)}" for k, v in value.items())
+        return "{ " + ", ".join(pairs) + " }" if value else "{}"
+    return json.dumps(str(value), ensure_ascii=False).replace("\x7f", "\\u007f")
+
+
+def _toml_key(key: str) -> str:
+    return key if _BARE_KEY.fullmatch(key) else _toml_value("", key)
 
 
 if __name__ == "__main__":  # pragma: no cover
-    main(prog_name=os.path.basename(__file__))
+    main(prog_name="rerankd")
