@@ -14,6 +14,11 @@ score is the features alone. The features of a candidate, computed from the stat
 - ``interest``: the user's decayed interest in the item's category;
 - ``freshness``: 2^(-age / half-life) of the item's ``created_at`` field (0 without one).
 
+"Now", for these decays, is the wall clock or the newest event in the state,
+whichever is earlier: a log of historical events (a public data set, a replay) then
+ranks as it would have at its end, instead of decaying every score to zero, and a
+live log, whose newest event is milliseconds old, ranks by the wall clock.
+
 Thread safety. The writer thread may fold new events while a batch reads the state:
 a read can see a user's row mid-update, which at worst gives one stale ranking; the
 next event of that user invalidates the cached vector again. Acknowledged events are
@@ -87,6 +92,7 @@ class Ranking:
         self._clock = clock
         self._vectors: dict[int, tuple[int, np.ndarray]] = {}
         self._state_seen: State | None = None
+        self._newest = (-math.inf, 0.0)  # (wall time of the check, newest event time)
         self.cache_hits = 0
         self.cache_misses = 0
 
@@ -98,13 +104,23 @@ class Ranking:
         if state is not self._state_seen:  # erasure rebuilt the state: rows renumbered
             self._vectors.clear()
             self._state_seen = state
-        now = self._clock()
+        now = self._now(state)
         prepared = [self._prepare(state, r, now) for r in requests]
         if self.ranker is None:
             scores = [p.features @ self.weights for p in prepared]
             return [self._answer(p, s, None) for p, s in zip(prepared, scores, strict=True)]
         vectors = self._user_vectors(state, prepared)
         return self._score_with_model(prepared, vectors)
+
+    def _now(self, state: State) -> float:
+        """min(wall clock, newest event time in the state); the latter looked up once a second."""
+        wall = self._clock()
+        checked, newest = self._newest
+        if wall - checked >= 1.0:
+            n = state.n_items
+            newest = float(state.array("pop_ts")[:n].max()) if n else 0.0
+            self._newest = (wall, newest)
+        return min(wall, newest) if newest > 0 else wall
 
     def forget_vectors(self) -> None:
         """Drop every cached user vector (after an erasure or a model reload)."""

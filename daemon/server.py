@@ -45,6 +45,8 @@ __all__ = ["Handler", "Server", "bind_unix_socket"]
 
 Handler = Callable[[Request], Awaitable[dict[str, Any]]]
 _CREDS: Final = struct.Struct("3i")  # struct ucred: pid, uid, gid
+_SO_PEERGROUPS: Final = 59  # Linux's value, for Pythons whose socket module lacks the name
+_MAX_GROUPS: Final = 1024
 _log = structlog.get_logger("daemon.server")
 
 
@@ -172,13 +174,16 @@ class Server:
         return None
 
     def _peer_allowed(self, sock: socket.socket) -> bool:
+        """Root, our own uid, a listed uid, or a listed gid (primary or supplementary)."""
         try:
             raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _CREDS.size)
         except OSError:
             return False
         _pid, uid, gid = _CREDS.unpack(raw)
         cfg = self._config
-        return uid in {0, os.getuid(), *cfg.allowed_uids} or gid in cfg.allowed_gids
+        if uid in {0, os.getuid(), *cfg.allowed_uids} or gid in cfg.allowed_gids:
+            return True
+        return bool(cfg.allowed_gids) and not _peer_groups(sock).isdisjoint(cfg.allowed_gids)
 
     async def _read_loop(
         self, reader: asyncio.StreamReader, conn: _Connection, in_flight: set[asyncio.Task[None]]
@@ -243,6 +248,16 @@ class Server:
     async def _drain(self, in_flight: set[asyncio.Task[None]]) -> None:
         if in_flight:
             await asyncio.wait(list(in_flight), timeout=self._config.graceful_timeout_s)
+
+
+def _peer_groups(sock: socket.socket) -> set[int]:
+    """The peer's supplementary groups (SO_PEERGROUPS, Linux 4.13+); empty if unknown."""
+    option = getattr(socket, "SO_PEERGROUPS", _SO_PEERGROUPS)
+    try:
+        raw = sock.getsockopt(socket.SOL_SOCKET, option, 4 * _MAX_GROUPS)
+    except OSError:
+        return set()
+    return set(struct.unpack(f"{len(raw) // 4}I", raw[: len(raw) // 4 * 4]))
 
 
 async def _close(writer: asyncio.StreamWriter) -> None:

@@ -127,8 +127,8 @@ class Service:
         self.batcher: _Batcher | None = None
         self.decoder = EventDecoder(config.limits)
         self.model = _Model(None, (), "none", 0.0)
-        self.counters = {"ingested": 0, "duplicates": 0, "rejected": 0, "ranked": 0, "busy": 0,
-                         "impressions_dropped": 0}  # fmt: skip
+        self.counters = {"accepted": 0, "duplicates": 0, "erased": 0, "rejected": 0, "ranked": 0,
+                         "busy": 0, "impressions_dropped": 0}  # fmt: skip
         self._impressions: list[ItemsShown] = []
         self.metrics = Metrics()
         self.server: Server | None = None
@@ -322,18 +322,19 @@ class Service:
         assert self.committer is not None
         decoded = await asyncio.to_thread(self.decoder.decode, bytes(raw))
         rejected = [{"index": r.index, "error": str(r.error)} for r in decoded.rejected]
-        self.counters["rejected"] += len(rejected)
-        self.metrics.events.labels(outcome="rejected").inc(len(rejected))
-        accepted = duplicates = 0
+        status: list[str] = []
         if decoded.events:
-            result = await self._submit(decoded.events)
-            accepted = result.status.count("accepted")
-            duplicates = result.status.count("duplicate")
-        self.counters["ingested"] += accepted
-        self.counters["duplicates"] += duplicates
-        self.metrics.events.labels(outcome="accepted").inc(accepted)
-        self.metrics.events.labels(outcome="duplicate").inc(duplicates)
-        return {"accepted": accepted, "duplicates": duplicates, "rejected": rejected}
+            status = (await self._submit(decoded.events)).status  # busy: nothing counted
+        outcome = {
+            "accepted": status.count("accepted"),
+            "duplicates": status.count("duplicate"),
+            # events of a forgotten user: kept out of the log by the tombstone
+            "erased": status.count("erased"),
+        }
+        for name, n in (*outcome.items(), ("rejected", len(rejected))):
+            self.counters[name] = self.counters.get(name, 0) + n
+            self.metrics.events.labels(outcome=name).inc(n)
+        return {**outcome, "rejected": rejected}
 
     async def _submit(self, events: Sequence[Any]) -> Any:
         assert self.committer is not None
