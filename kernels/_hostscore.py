@@ -22,26 +22,43 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-__all__ = ["fused_scores_host"]
+__all__ = ["BAD_FEATURE", "BAD_INDEX", "BAD_USER", "OK", "fused_scores_host"]
 
 
-@njit(cache=True, nogil=True, fastmath=True)
+#: Return codes of the loop: what it found wrong in its inputs (it checks them as it reads).
+OK, BAD_INDEX, BAD_USER, BAD_FEATURE = 0, 1, 2, 3
+
+#: Reassociation lets the dot product vectorise; "no NaN / no inf" must stay off, or the
+#: compiler may delete the finiteness checks.
+_FASTMATH = {"reassoc", "contract", "arcp", "nsz"}
+
+
+@njit(cache=True, nogil=True, fastmath=_FASTMATH)
 def _fused_scores(table, users, idx, where, features, weights, out):  # noqa: ANN001, ANN202, PLR0917
     rows, cols = idx.shape
     dim = table.shape[1]
     n_features = weights.shape[0]
     for b in range(rows):
+        for j in range(dim):
+            if not np.isfinite(users[b, j]):
+                return BAD_USER
         for n in range(cols):
+            row = idx[b, n]
+            if row < 0 or row >= table.shape[0]:
+                return BAD_INDEX
+            acc = np.float32(0.0)
+            for f in range(n_features):
+                x = features[b, n, f]
+                if not np.isfinite(x):
+                    return BAD_FEATURE
+                acc += weights[f] * x
             if not where[b, n]:
                 out[b, n] = -np.inf
                 continue
-            row = idx[b, n]
-            acc = np.float32(0.0)
             for j in range(dim):
                 acc += table[row, j] * users[b, j]
-            for f in range(n_features):
-                acc += weights[f] * features[b, n, f]
             out[b, n] = acc
+    return OK
 
 
 def fused_scores_host(  # noqa: PLR0917 - mirrors fuse_scores' inputs one to one
@@ -52,14 +69,15 @@ def fused_scores_host(  # noqa: PLR0917 - mirrors fuse_scores' inputs one to one
     features: np.ndarray,
     weights: np.ndarray,
     out: np.ndarray,
-) -> np.ndarray:
+) -> int:
     """
-    Fill the top-left ``[B, N]`` corner of ``out`` with fused scores and return ``out``.
+    Fill the top-left ``[B, N]`` corner of ``out`` with fused scores; returns `OK`.
 
-    ``table [V, d]`` and ``users [B, d]`` float32, ``idx [B, N]`` int32 rows of
-    ``table`` (range already checked by the caller), ``where [B, N]`` bool,
-    ``features [B, N, F]`` and ``weights [F]`` float32. The rest of ``out`` is left
+    ``table [V, d]`` and ``users [B, d]`` float32, ``idx [B, N]`` int32, ``where
+    [B, N]`` bool, ``features [B, N, F]`` and ``weights [F]`` float32. The loop checks
+    the values as it reads them, so the caller need not scan them first: it returns
+    `BAD_INDEX` for an index outside the table, `BAD_USER` or `BAD_FEATURE` for a value
+    that is not finite (``out`` is then partly written). The rest of ``out`` is left
     as it is (the runtime keeps it at ``-inf``).
     """
-    _fused_scores(table, users, idx, where, features, weights, out)
-    return out
+    return int(_fused_scores(table, users, idx, where, features, weights, out))

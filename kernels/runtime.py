@@ -38,7 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from kernels._hostscore import fused_scores_host
+from kernels._hostscore import BAD_FEATURE, BAD_INDEX, BAD_USER, OK, fused_scores_host
 from kernels.sasrec import SasrecConfig, encode_users, param_shapes
 from kernels.scoring import gather_score_top_k
 
@@ -48,6 +48,11 @@ __all__ = ["BATCH_BUCKETS", "CANDIDATE_BUCKETS", "Ranker", "Scored", "WarmupRepo
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 CANDIDATE_BUCKETS = (64, 128, 256, 512, 1024, 2048, 4096)
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+_HOST_ERRORS = {
+    BAD_INDEX: "cand_idx: item indices must be in [0, {}]",
+    BAD_USER: "user_vecs: must be finite",
+    BAD_FEATURE: "features: must be finite",
+}
 
 
 def bucket_for(size: int, buckets: Sequence[int], *, what: str) -> int:
@@ -227,7 +232,7 @@ class Ranker:
         know, scored by its features alone), ``user_vecs [B, d]``, ``features [B, N,
         F]`` fused by the feature weights; ``where [B, N]`` masks positions out.
         """
-        user_vecs, cand_idx, where, features = self._check_score_args(
+        user_vecs, cand_idx, where, features = self._check_score_shapes(
             user_vecs, cand_idx, where, features
         )
         rows, cols = cand_idx.shape
@@ -238,19 +243,22 @@ class Ranker:
             buf = self._buffers[b, n]
             if self.host_scores:
                 buf.scores.fill(-np.inf)
-                fused_scores_host(
+                code = fused_scores_host(
                     self._table,
                     user_vecs,
                     cand_idx,
-                    where,
-                    features,
+                    buf.all_valid[:rows, :cols] if where is None else where,
+                    buf.no_features[:rows, :cols] if features is None else features,
                     self._host_weights,
                     buf.scores,
                 )
+                if code != OK:
+                    raise ValueError(_HOST_ERRORS[code].format(self.config.num_items))
                 top_scores, top_idx = (np.asarray(x) for x in compiled(buf.scores))
                 top_idx = np.where(top_scores > -np.inf, top_idx, -1)
                 scores = buf.scores[:rows, :cols].copy()
             else:
+                self._check_values(user_vecs, cand_idx, features)
                 buf.fill(user_vecs, cand_idx, where, features)
                 out = compiled(
                     self._params["item_emb"],
@@ -274,26 +282,34 @@ class Ranker:
             msg = f"no compiled kernel for bucket {key}: call Ranker.warmup() before serving"
             raise RuntimeError(msg) from None
 
-    def _check_score_args(
+    def _check_score_shapes(
         self,
         user_vecs: np.ndarray,
         cand_idx: np.ndarray,
         where: np.ndarray | None,
         features: np.ndarray | None,
-    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        cand_idx = _index_array(cand_idx, "cand_idx", self.config.num_items)
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray | None]:
+        """Types and shapes only: the values are checked where they are read (see score)."""
+        cand_idx = _index_dtype(cand_idx, "cand_idx")
         if cand_idx.ndim != 2:
             msg = f"cand_idx: expected shape [batch, candidates], got {list(cand_idx.shape)}"
             raise ValueError(msg)
         rows, cols = cand_idx.shape
-        user_vecs = _float_array(user_vecs, "user_vecs", (rows, self.config.dim))
-        where = np.ones((rows, cols), bool) if where is None else _bool_array(where, (rows, cols))
-        shape = (rows, cols, self._num_features)
-        if features is None:
-            features = np.zeros(shape, np.float32)
-        else:
-            features = _float_array(features, "features", shape)
-        return user_vecs, np.ascontiguousarray(cand_idx), where, features
+        user_vecs = _float_shape(user_vecs, "user_vecs", (rows, self.config.dim))
+        if where is not None:
+            where = _bool_array(where, (rows, cols))
+        if features is not None:
+            features = _float_shape(features, "features", (rows, cols, self._num_features))
+        return user_vecs, cand_idx, where, features
+
+    def _check_values(
+        self, user_vecs: np.ndarray, cand_idx: np.ndarray, features: np.ndarray | None
+    ) -> None:
+        """The value checks the host loop makes as it reads, for the accelerator path."""
+        _index_range(cand_idx, "cand_idx", self.config.num_items)
+        _finite(user_vecs, "user_vecs")
+        if features is not None:
+            _finite(features, "features")
 
 
 def _top_k_kernel(scores: jax.Array, *, k: int) -> tuple[jax.Array, jax.Array]:
@@ -335,6 +351,8 @@ class _Buffers:
     where: np.ndarray
     features: np.ndarray
     scores: np.ndarray
+    all_valid: np.ndarray  # constant: the host path's mask when the request has none
+    no_features: np.ndarray  # constant zeros: its features when the request has none
 
     @classmethod
     def allocate(cls, b: int, n: int, d: int, f: int, dtype: np.dtype) -> _Buffers:
@@ -345,10 +363,16 @@ class _Buffers:
             where=np.zeros((b, n), bool),
             features=np.zeros((b, n, f), np.float32),
             scores=np.full((b, n), -np.inf, np.float32),
+            all_valid=np.ones((b, n), bool),
+            no_features=np.zeros((b, n, f), np.float32),
         )
 
     def fill(
-        self, users: np.ndarray, idx: np.ndarray, where: np.ndarray, features: np.ndarray
+        self,
+        users: np.ndarray,
+        idx: np.ndarray,
+        where: np.ndarray | None,
+        features: np.ndarray | None,
     ) -> None:
         """Copy a request into the top-left corner; everything else is masked padding."""
         rows, cols = idx.shape
@@ -357,9 +381,10 @@ class _Buffers:
         self.idx.fill(0)
         self.idx[:rows, :cols] = idx
         self.where.fill(False)  # noqa: FBT003 - numpy's fill takes a positional value
-        self.where[:rows, :cols] = where
+        self.where[:rows, :cols] = True if where is None else where
         self.features.fill(0.0)
-        self.features[:rows, :cols] = features
+        if features is not None:
+            self.features[:rows, :cols] = features
 
 
 # ------------------------------------------------------------------- validation
@@ -398,25 +423,43 @@ def _buckets(values: Sequence[int], what: str) -> tuple[int, ...]:
     return out
 
 
-def _index_array(values: np.ndarray, what: str, num_items: int) -> np.ndarray:
+def _index_dtype(values: np.ndarray, what: str) -> np.ndarray:
     arr = np.asarray(values)
     if not np.issubdtype(arr.dtype, np.integer):
         msg = f"{what}: must hold integer item indices, got dtype {arr.dtype}"
         raise ValueError(msg)
+    return np.ascontiguousarray(arr, np.int32)
+
+
+def _index_range(arr: np.ndarray, what: str, num_items: int) -> None:
     if arr.size and (arr.min() < 0 or arr.max() > num_items):
         msg = f"{what}: item indices must be in [0, {num_items}]"
         raise ValueError(msg)
-    return arr.astype(np.int32, copy=False)
 
 
-def _float_array(values: np.ndarray, what: str, shape: tuple[int, ...]) -> np.ndarray:
-    arr = np.asarray(values, np.float32)
+def _index_array(values: np.ndarray, what: str, num_items: int) -> np.ndarray:
+    arr = _index_dtype(values, what)
+    _index_range(arr, what, num_items)
+    return arr
+
+
+def _float_shape(values: np.ndarray, what: str, shape: tuple[int, ...]) -> np.ndarray:
+    arr = np.ascontiguousarray(values, np.float32)
     if arr.shape != shape:
         msg = f"{what}: expected shape {list(shape)}, got {list(arr.shape)}"
         raise ValueError(msg)
+    return arr
+
+
+def _finite(arr: np.ndarray, what: str) -> None:
     if not np.isfinite(arr).all():
         msg = f"{what}: must be finite"
         raise ValueError(msg)
+
+
+def _float_array(values: np.ndarray, what: str, shape: tuple[int, ...]) -> np.ndarray:
+    arr = _float_shape(values, what, shape)
+    _finite(arr, what)
     return arr
 
 

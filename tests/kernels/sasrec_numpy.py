@@ -1,7 +1,8 @@
 """
 The SASRec encoder written again in plain numpy, straight from the definition, with
-no code shared with `kernels.sasrec`: the float64 reference of the tests, and the
-"plain numpy" baseline of bench/bench_kernels.py (which runs it in float32).
+no code shared with `kernels.sasrec`: the float64 reference of the tests (and of
+bench/bench_kernels.py's correctness check; its timed numpy baseline is the batched
+bench/_numpy_baseline.py).
 
 Padded query slots are skipped outright here (the kernel computes and then zeroes
 them), so a leak from padding would show up as a difference.

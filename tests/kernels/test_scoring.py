@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kernels._hostscore import fused_scores_host
+from kernels._hostscore import BAD_FEATURE, BAD_INDEX, BAD_USER, OK, fused_scores_host
 from kernels.scoring import (
     candidate_scores,
     fuse_scores,
@@ -232,3 +232,23 @@ def test_vmap_over_requests() -> None:
         single = fuse_top_k(stacked[i], k=4, where=jnp.asarray(p["where"]))
         for a, b in zip(batched, single, strict=True):
             np.testing.assert_array_equal(a[i], b)
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "code"),
+    [("idx", 61, BAD_INDEX), ("idx", -1, BAD_INDEX), ("users", np.nan, BAD_USER),
+     ("features", np.inf, BAD_FEATURE)],
+)  # fmt: skip
+def test_host_loop_reports_bad_values(field: str, value: float, code: int) -> None:
+    """The host loop checks what it reads: an index off the table or a non-finite value."""
+    p = _problem(7)
+    assert fused_scores_host(
+        p["table"], p["users"], p["idx"], p["where"], p["features"], p["weights"],
+        np.zeros((4, 37), np.float32),
+    ) == OK  # fmt: skip
+    p[field][(1,) * p[field].ndim] = value
+    out = np.zeros((4, 37), np.float32)
+    got = fused_scores_host(
+        p["table"], p["users"], p["idx"], p["where"], p["features"], p["weights"], out
+    )
+    assert got == code
