@@ -27,6 +27,7 @@ always visible: ``ingest`` answers after the fold, so the next ``rank`` reads th
 
 from __future__ import annotations
 
+import itertools
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -145,9 +146,11 @@ class Ranking:
     def _prepare(self, state: State, request: Rank, now: float) -> _Prepared:
         user_row = state.user_index.get(request.user)
         cands = request.candidates
-        lookup = self._model_index.get
-        cand_idx = np.fromiter((lookup(c, 0) for c in cands), np.int32, len(cands))
-        slots = np.fromiter((state.item_index.get(c, -1) for c in cands), np.int64, len(cands))
+        # fromiter over map(dict.get): about 2.5x faster than a generator expression
+        model = map(self._model_index.get, cands, itertools.repeat(0))
+        cand_idx = np.fromiter(model, np.int32, len(cands))
+        rows = map(state.item_index.get, cands, itertools.repeat(-1))
+        slots = np.fromiter(rows, np.int64, len(cands))
         return _Prepared(request, user_row, cand_idx, _features(state, user_row, slots, now))
 
     # --------------------------------------------------------------- vectors
@@ -212,22 +215,31 @@ class Ranking:
             feats[k, :n] = p.features
         scored = self.ranker.score(vectors, idx, where=where, features=feats)
         return [
-            self._answer(p, scored.scores[k, : len(p.cand_idx)], vectors[k])
+            self._answer(p, scored.scores[k, : len(p.cand_idx)], vectors[k], scored.top_idx[k])
             for k, p in enumerate(prepared)
         ]
 
-    def _answer(self, p: _Prepared, scores: np.ndarray, vector: np.ndarray | None) -> RankedList:
+    def _answer(
+        self,
+        p: _Prepared,
+        scores: np.ndarray,
+        vector: np.ndarray | None,
+        top: np.ndarray | None = None,
+    ) -> RankedList:
         request = p.request
-        order = np.argsort(-scores, kind="stable")
-        if request.k is not None:
-            order = order[: request.k]
+        k = request.k
+        if top is not None and k is not None and k <= len(top):
+            order = top[:k][top[:k] >= 0]  # the kernel's top k: same order as a stable sort
+        else:
+            order = np.argsort(-scores, kind="stable")[:k]
         items = [request.candidates[i] for i in order]
         has_vector = vector is not None and bool(vector.any())
         explain = None
         if request.explain or isinstance(request, Explain):
             explain = [self._explain_one(p, int(i), scores, has_vector=has_vector) for i in order]
         source = "model" if has_vector else "features"
-        return RankedList(items, [round(float(scores[i]), 6) for i in order], explain, source)
+        rounded = scores[order].astype(np.float64).round(6).tolist()
+        return RankedList(items, rounded, explain, source)
 
     def _explain_one(
         self, p: _Prepared, i: int, scores: np.ndarray, *, has_vector: bool
