@@ -92,6 +92,7 @@ class Ranking:
         self.weights = np.asarray(weights, np.float32)
         self._clock = clock
         self._vectors: dict[int, tuple[int, np.ndarray]] = {}
+        self._model_of_row = np.zeros(0, np.int32)  # state item row -> model index
         self._state_seen: State | None = None
         self._newest = (-math.inf, 0.0)  # (wall time of the check, newest event time)
         self.cache_hits = 0
@@ -104,6 +105,7 @@ class Ranking:
         state = self._state_of()
         if state is not self._state_seen:  # erasure rebuilt the state: rows renumbered
             self._vectors.clear()
+            self._model_of_row = np.zeros(0, np.int32)
             self._state_seen = state
         now = self._now(state)
         prepared = [self._prepare(state, r, now) for r in requests]
@@ -140,6 +142,7 @@ class Ranking:
         self._model_index = {item: i + 1 for i, item in enumerate(vocabulary)}
         self.weights = np.asarray(weights, np.float32)
         self._vectors.clear()
+        self._model_of_row = np.zeros(0, np.int32)
 
     # ------------------------------------------------------------ preparing
 
@@ -147,11 +150,34 @@ class Ranking:
         user_row = state.user_index.get(request.user)
         cands = request.candidates
         # fromiter over map(dict.get): about 2.5x faster than a generator expression
-        model = map(self._model_index.get, cands, itertools.repeat(0))
-        cand_idx = np.fromiter(model, np.int32, len(cands))
         rows = map(state.item_index.get, cands, itertools.repeat(-1))
         slots = np.fromiter(rows, np.int64, len(cands))
+        cand_idx = self._model_indices(state, cands, slots)
         return _Prepared(request, user_row, cand_idx, _features(state, user_row, slots, now))
+
+    def _model_indices(self, state: State, cands: list[str], slots: np.ndarray) -> np.ndarray:
+        """
+        Model indices of the candidates (0: unknown to the model).
+
+        Items in the state map through an array by state row, kept up to date as the
+        state grows, which saves a second dictionary pass; only candidates the state
+        has never seen are looked up by id.
+        """
+        if not self._model_index:
+            return np.zeros(len(cands), np.int32)
+        table = self._model_of_row
+        if len(table) < state.n_items:
+            lookup = self._model_index.get
+            new = [lookup(i, 0) for i in state.item_ids[len(table) : state.n_items]]
+            table = self._model_of_row = np.concatenate([table, np.asarray(new, np.int32)])
+        known = slots >= 0
+        out = np.zeros(len(cands), np.int32)
+        out[known] = table[slots[known]]
+        if not known.all():
+            lookup = self._model_index.get
+            for k in np.flatnonzero(~known):
+                out[k] = lookup(cands[k], 0)
+        return out
 
     # --------------------------------------------------------------- vectors
 
