@@ -142,6 +142,7 @@ class Service:
         self.counters = {"accepted": 0, "duplicates": 0, "erased": 0, "rejected": 0, "ranked": 0,
                          "busy": 0, "impressions_dropped": 0}  # fmt: skip
         self._impressions: list[ItemsShown] = []
+        self._impressions_waiting = asyncio.Event()
         self.metrics = Metrics()
         self.server: Server | None = None
         self._last_snapshot = (time.monotonic(), -1)  # (when, state offset it covered)
@@ -314,13 +315,20 @@ class Service:
                            ranking_id=ranking_id)  # fmt: skip
         if len(self._impressions) < _MAX_PENDING_IMPRESSIONS:
             self._impressions.append(shown)
+            self._impressions_waiting.set()
         else:
             self.counters["impressions_dropped"] += 1  # overload: attribution yields first
 
     async def flush_impressions(self) -> None:
-        """Append the queued impressions every ``_IMPRESSION_FLUSH_S``, as one request."""
+        """
+        Append queued impressions as one request, ``_IMPRESSION_FLUSH_S`` after the first.
+
+        An idle daemon does not wake up for them.
+        """
         while True:
+            await self._impressions_waiting.wait()
             await asyncio.sleep(_IMPRESSION_FLUSH_S)
+            self._impressions_waiting.clear()
             self._flush_impressions()
 
     def _flush_impressions(self) -> None:

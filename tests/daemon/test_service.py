@@ -266,3 +266,28 @@ def test_sighup_reloads_model_and_keeps_serving_on_a_bad_config(
             assert time.monotonic() < deadline, "no reload_failed in the log"
             time.sleep(0.2)
         assert client.request("rank", user="h", candidates=["m2", "m9"])["source"] == "model"
+
+
+def test_answers_are_logged_as_impressions(start: Any, tmp_path: Path) -> None:
+    """Each rank answer is appended as an impression event carrying its ranking_id."""
+    daemon = start()
+    with daemon.client() as client:
+        first = client.request("rank", user="imp", candidates=["a", "b", "c"], k=2)
+        second = client.request("rank", user="imp", candidates=["c", "d"])
+        deadline = time.monotonic() + 10
+        while _impressions_of(client, "imp") < 2:
+            assert time.monotonic() < deadline, "the impressions never reached the state"
+            time.sleep(0.02)
+    assert daemon.stop() == 0
+    with contextlib.closing(sqlite3.connect(tmp_path / "data" / "events.db")) as db:
+        ids = {row[0] for row in db.execute("SELECT id FROM events")}
+    assert {first["ranking_id"], second["ranking_id"]} <= ids
+
+
+def _impressions_of(client: Client, user: str) -> int:
+    try:
+        return client.request("user", user=user)["user"]["counts"].get("impression", 0)
+    except RequestFailedError as error:  # not in the state until the first one is folded
+        if error.code != "not_found":
+            raise
+        return 0
