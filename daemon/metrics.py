@@ -11,7 +11,6 @@ user or item ids, only operation names and error codes.
 from __future__ import annotations
 
 import threading
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -45,10 +44,17 @@ class Metrics:
             "rerankd_rank_batch_size", "Rank requests per kernel call",
             buckets=_BATCH_BUCKETS, registry=r,
         )  # fmt: skip
+        self.impressions_dropped = Counter(
+            "rerankd_impressions_dropped", "Impressions not logged under overload", registry=r
+        )
         self._recent = np.zeros(_WINDOW, np.float64)
         self._recent_n = 0
         self._lock = threading.Lock()
         self._server: Any = None
+
+    def total(self, name: str, **labels: str) -> int:
+        """The current value of sample ``name`` (e.g. ``rerankd_events_total``), 0 if none yet."""
+        return int(self.registry.get_sample_value(name, labels) or 0)
 
     def gauge(self, name: str, doc: str, read: Callable[[], float]) -> None:
         """A gauge whose value is read when scraped (queue depths, snapshot age, …)."""
@@ -86,8 +92,3 @@ class Metrics:
         if self._server is not None:
             self._server.shutdown()
             self._server = None
-
-
-def now() -> float:
-    """Monotonic seconds, for latencies."""
-    return time.perf_counter()

@@ -19,6 +19,8 @@ from typing import Any, Final
 
 import msgspec
 
+from eventstore.schema import JSON_TYPE_WORDS, split_validation_error
+
 __all__ = [
     "ERROR_CODES",
     "Explain",
@@ -128,12 +130,7 @@ class _IdOnly(msgspec.Struct):
     id: Any = None
 
 
-_AT: Final = re.compile(r"^(?P<what>.*?)(?: - at `\$(?P<path>[^`]*)`)?$", re.DOTALL)
 _NAMED: Final = re.compile(r"`(?P<name>[^`]*)`")
-_WORDS: Final = {
-    "str": "a string", "int": "an integer", "array": "a list", "object": "an object",
-    "bool": "a boolean", "null": "null", "float": "a number",
-}  # fmt: skip
 
 
 class RequestDecoder:
@@ -173,8 +170,7 @@ class RequestDecoder:
         request_id = self._request_id(line)
         if not isinstance(error, msgspec.ValidationError):
             return ProtocolError("bad_request", "json: malformed", request_id)
-        match = _AT.match(str(error))
-        what, path = (match["what"], match["path"] or "") if match else (str(error), "")
+        what, path = split_validation_error(error)
         field = path.replace("[...]", "").lstrip(".").split("[", 1)[0] or "request"
         if field == "op":  # never echo the unknown op: it is client input
             return ProtocolError("unknown_op", f"op: expected one of {', '.join(_OPS)}", request_id)
@@ -234,8 +230,9 @@ def _rule(what: str, field: str) -> str:
         return "events: expected an event object or a list of them"
     got = re.search(r"got `(\w+)`", what)
     if got and named:
-        want = " or ".join(_WORDS.get(t.strip(), t.strip()) for t in named["name"].split("|"))
-        return f"{field}: expected {want}, got {_WORDS.get(got[1], got[1])}"
+        words = JSON_TYPE_WORDS
+        want = " or ".join(words.get(t.strip(), t.strip()) for t in named["name"].split("|"))
+        return f"{field}: expected {want}, got {words.get(got[1], got[1])}"
     return f"{field}: {what[:1].lower()}{what[1:]}"
 
 

@@ -90,8 +90,6 @@ class _Batcher:
         self._queue: asyncio.Queue[tuple[Rank, asyncio.Future[RankedList]]] = asyncio.Queue(
             maxsize=max_batch * 64
         )
-        self.batches = 0
-        self.batched_requests = 0
 
     async def rank(self, request: Rank) -> RankedList:
         future: asyncio.Future[RankedList] = asyncio.get_running_loop().create_future()
@@ -118,8 +116,6 @@ class _Batcher:
                     if not future.done():
                         future.set_exception(error)
                 continue
-            self.batches += 1
-            self.batched_requests += len(batch)
             self._metrics.batch_size.observe(len(batch))
             for (_, future), result in zip(batch, results, strict=True):
                 if not future.done():
@@ -139,8 +135,6 @@ class Service:
         self.batcher: _Batcher | None = None
         self.decoder = EventDecoder(config.limits)
         self.model = _Model(None, (), "none", 0.0)
-        self.counters = {"accepted": 0, "duplicates": 0, "erased": 0, "rejected": 0, "ranked": 0,
-                         "busy": 0, "impressions_dropped": 0}  # fmt: skip
         self._impressions: list[ItemsShown] = []
         self._impressions_waiting = asyncio.Event()
         self.metrics = Metrics()
@@ -290,7 +284,6 @@ class Service:
         started = time.perf_counter()
         result = await self.batcher.rank(request)
         self.metrics.observe_rank(time.perf_counter() - started)
-        self.counters["ranked"] += 1
         ranking_id = f"r-{uuid.uuid4().hex}"
         if self.config.ranking.record_impressions and result.items:
             self._record_impression(request.user, result.items, ranking_id)
@@ -317,7 +310,7 @@ class Service:
             self._impressions.append(shown)
             self._impressions_waiting.set()
         else:
-            self.counters["impressions_dropped"] += 1  # overload: attribution yields first
+            self.metrics.impressions_dropped.inc()  # overload: attribution yields first
 
     async def flush_impressions(self) -> None:
         """
@@ -338,7 +331,7 @@ class Service:
         try:
             self.committer.submit(batch)
         except BackpressureError:
-            self.counters["impressions_dropped"] += len(batch)
+            self.metrics.impressions_dropped.inc(len(batch))
 
     async def _ingest(self, raw: Any) -> dict[str, Any]:
         assert self.committer is not None
@@ -354,7 +347,6 @@ class Service:
             "erased": status.count("erased"),
         }
         for name, n in (*outcome.items(), ("rejected", len(rejected))):
-            self.counters[name] = self.counters.get(name, 0) + n
             self.metrics.events.labels(outcome=name).inc(n)
         return {**outcome, "rejected": rejected}
 
@@ -363,7 +355,6 @@ class Service:
         try:
             future = self.committer.submit(events)
         except BackpressureError as error:
-            self.counters["busy"] += 1
             raise ProtocolError(
                 "busy", "the event log's writer is behind",
                 retry_after_ms=max(1, round(error.retry_after_s * 1000)),
@@ -392,15 +383,15 @@ class Service:
         assert self.committer is not None
         assert self.ranking is not None
         assert self.batcher is not None
-        state = self.store.state
+        state, m = self.store.state, self.metrics
         return {
             "uptime_s": round(time.time() - self.started, 3),
-            "events": self.counters | {"log_offset": state.offset},
+            "events": self._event_counts() | {"log_offset": state.offset},
             "users": len(state.user_index),
             "items": state.n_items,
             "writer_pending": self.committer.pending,
-            "rank_batches": self.batcher.batches,
-            "rank_batched_requests": self.batcher.batched_requests,
+            "rank_batches": m.total("rerankd_rank_batch_size_count"),
+            "rank_batched_requests": m.total("rerankd_rank_batch_size_sum"),
             "vector_cache": {"hits": self.ranking.cache_hits, "misses": self.ranking.cache_misses},
             "rank_latency_ms": self.metrics.rank_percentiles_ms(),
             "connections": self.server.connections if self.server else 0,
@@ -408,6 +399,17 @@ class Service:
             "model": self.model.source,
             "warmup_s": round(self.model.warmup_s, 3),
             "compile_count": self._compile_count(),
+        }
+
+    def _event_counts(self) -> dict[str, int]:
+        """What happened to ingested events and rank requests, from the Prometheus counters."""
+        m = self.metrics
+        outcomes = ("accepted", "duplicates", "erased", "rejected")
+        counts = {o: m.total("rerankd_events_total", outcome=o) for o in outcomes}
+        return counts | {
+            "ranked": sum(m.total("rerankd_requests_total", op=op) for op in ("rank", "explain")),
+            "busy": m.total("rerankd_errors_total", code="busy"),
+            "impressions_dropped": m.total("rerankd_impressions_dropped_total"),
         }
 
 

@@ -33,6 +33,7 @@ __all__ = [
     "EVENT_CLASSES",
     "EVENT_TYPES",
     "INTERACTION_TYPES",
+    "JSON_TYPE_WORDS",
     "AddedToCart",
     "Clicked",
     "DecodeResult",
@@ -52,6 +53,7 @@ __all__ = [
     "Viewed",
     "decode_stored_many",
     "encode_event",
+    "split_validation_error",
 ]
 
 #: Every event type, in the order of their numeric codes (stored in state arrays).
@@ -391,7 +393,8 @@ def _check_item_fields(fields: dict[str, Any]) -> None:
 _AT = re.compile(r"^(?P<what>.*?)(?: - at `\$(?P<path>[^`]*)`)?$", re.DOTALL)
 _NAMED = re.compile(r"`(?P<name>[^`]*)`")
 _GOT = re.compile(r"got `(?P<got>\w+)`")
-_JSON_TYPES: Final = {"str": "a string", "int": "an integer", "float": "a number",
+#: msgspec's type names, in words for error messages.
+JSON_TYPE_WORDS: Final = {"str": "a string", "int": "an integer", "float": "a number",
                       "bool": "a boolean", "null": "null", "array": "a list",
                       "object": "an object"}
 _FLAT_RULE: Final = "values must be strings, numbers, booleans, null or flat lists of those"
@@ -409,10 +412,19 @@ def _translate(error: Exception, data: bytes) -> EventRejectedError:
     if not isinstance(error, msgspec.ValidationError):  # malformed JSON, not a rule
         detail = text.removeprefix("JSON is malformed: ")
         return EventRejectedError("json", f"malformed ({detail})")
+    what, path = split_validation_error(error)
+    return _rule_for(what, _field_of(path), _type_of(data))
+
+
+def split_validation_error(error: msgspec.ValidationError) -> tuple[str, str]:
+    """
+    msgspec's ``"<what> - at `$<path>`"`` as ``(what, path)``; path "" at the root.
+
+    The socket protocol's decoder (in the daemon) words its errors from the same parts.
+    """
+    text = str(error)
     match = _AT.match(text)
-    what, path = (match["what"], match["path"] or "") if match else (text, "")
-    field = _field_of(path)
-    return _rule_for(what, field, _type_of(data))
+    return (match["what"], match["path"] or "") if match else (text, "")
 
 
 def _field_of(path: str) -> str:
@@ -462,9 +474,9 @@ def _rule_for(what: str, field: str, kind: str | None) -> EventRejectedError:  #
     got = _GOT.search(what)
     expected = _NAMED.search(what)
     if got and expected:
-        want = " or ".join(_JSON_TYPES.get(t.strip(), t.strip())
+        want = " or ".join(JSON_TYPE_WORDS.get(t.strip(), t.strip())
                            for t in expected["name"].split("|"))
-        return EventRejectedError(field, f"expected {want}, got {_JSON_TYPES.get(got['got'], got['got'])}")
+        return EventRejectedError(field, f"expected {want}, got {JSON_TYPE_WORDS.get(got['got'], got['got'])}")
     return EventRejectedError(field, what[:1].lower() + what[1:])
 
 

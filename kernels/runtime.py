@@ -135,7 +135,10 @@ class Ranker:
         self.set_feature_weights(feature_weights)
         self._encoders: dict[int, Any] = {}
         self._scorers: dict[tuple[int, int], Any] = {}
-        self._buffers: dict[tuple[int, int], _Buffers] = {}
+        self._buffers: dict[tuple[int, int], _Buffers] = {}  # device path
+        self._host_scores: dict[tuple[int, int], np.ndarray] = {}  # CPU path
+        self._all_valid = np.ones((0, 0), bool)
+        self._no_features = np.zeros((0, 0, self._num_features), np.float32)
         self._lock = threading.Lock()
 
     # ------------------------------------------------------------------ set-up
@@ -170,10 +173,24 @@ class Ranker:
             for n in self.candidate_buckets:
                 if (b, n) not in self._scorers:
                     self._scorers[b, n] = self._compile_scorer(b, n)
-                    self._buffers[b, n] = _Buffers.allocate(
-                        b, n, self.config.dim, self._num_features, np.dtype(self._dtype)
-                    )
+                    self._allocate(b, n)
         return WarmupReport(self.compile_count, time.perf_counter() - start, str(self.device))
+
+    def _allocate(self, b: int, n: int) -> None:
+        """The host arrays one score bucket reuses: the scores (CPU) or the inputs (device)."""
+        if self.host_scores:
+            self._host_scores[b, n] = np.full((b, n), -np.inf, np.float32)
+            if self._all_valid.shape[0] < b or self._all_valid.shape[1] < n:
+                # constants shared by every bucket (sliced): a request without a mask or
+                # features reads these instead of allocating its own
+                shape = (max(b, self._all_valid.shape[0]), max(n, self._all_valid.shape[1]))
+                self._all_valid = np.ones(shape, bool)
+                self._no_features = np.zeros((*shape, self._num_features), np.float32)
+        else:
+            dtype = np.dtype(self._dtype)
+            self._buffers[b, n] = _Buffers.allocate(
+                b, n, self.config.dim, self._num_features, dtype
+            )
 
     def _compile_encoder(self, b: int) -> Any:
         seqs = jax.ShapeDtypeStruct((b, self.config.max_len), jnp.int32)
@@ -240,24 +257,25 @@ class Ranker:
         n = bucket_for(cols, self.candidate_buckets, what="candidates")
         with self._lock:
             compiled = self._compiled(self._scorers, (b, n))
-            buf = self._buffers[b, n]
             if self.host_scores:
-                buf.scores.fill(-np.inf)
+                out = self._host_scores[b, n]
+                out.fill(-np.inf)
                 code = fused_scores_host(
                     self._table,
                     user_vecs,
                     cand_idx,
-                    buf.all_valid[:rows, :cols] if where is None else where,
-                    buf.no_features[:rows, :cols] if features is None else features,
+                    self._all_valid[:rows, :cols] if where is None else where,
+                    self._no_features[:rows, :cols] if features is None else features,
                     self._host_weights,
-                    buf.scores,
+                    out,
                 )
                 if code != OK:
                     raise ValueError(_HOST_ERRORS[code].format(self.config.num_items))
-                top_scores, top_idx = (np.asarray(x) for x in compiled(buf.scores))
+                top_scores, top_idx = (np.asarray(x) for x in compiled(out))
                 top_idx = np.where(top_scores > -np.inf, top_idx, -1)
-                scores = buf.scores[:rows, :cols].copy()
+                scores = out[:rows, :cols].copy()
             else:
+                buf = self._buffers[b, n]
                 self._check_values(user_vecs, cand_idx, features)
                 buf.fill(user_vecs, cand_idx, where, features)
                 out = compiled(
@@ -344,15 +362,12 @@ def _device_kernel(  # noqa: PLR0917 - the compiled signature, positional by des
 
 @dataclasses.dataclass(slots=True)
 class _Buffers:
-    """Host arrays of one score bucket, reused across calls (padding stays masked)."""
+    """The device path's input arrays of one score bucket, reused (padding stays masked)."""
 
     users: np.ndarray
     idx: np.ndarray
     where: np.ndarray
     features: np.ndarray
-    scores: np.ndarray
-    all_valid: np.ndarray  # constant: the host path's mask when the request has none
-    no_features: np.ndarray  # constant zeros: its features when the request has none
 
     @classmethod
     def allocate(cls, b: int, n: int, d: int, f: int, dtype: np.dtype) -> _Buffers:
@@ -362,9 +377,6 @@ class _Buffers:
             idx=np.zeros((b, n), np.int32),
             where=np.zeros((b, n), bool),
             features=np.zeros((b, n, f), np.float32),
-            scores=np.full((b, n), -np.inf, np.float32),
-            all_valid=np.ones((b, n), bool),
-            no_features=np.zeros((b, n, f), np.float32),
         )
 
     def fill(
