@@ -315,11 +315,7 @@ def _category_interest(state: State, u: int, categories: np.ndarray, now: float)
 
 
 def _freshness(state: State, rows: np.ndarray, now: float, half_life: float) -> np.ndarray:
-    fields = state.item_fields
-    if not fields:
-        return np.zeros(len(rows), np.float32)
-    created = np.array(
-        [fields.get(int(r), {}).get("created_at", math.nan) for r in rows], np.float64
-    )
+    """2^(-age / half-life) from the state's created_at column; 0 where an item has none."""
+    created = state.array("created_at")[rows]
     fresh = np.exp2(-np.maximum(now - created, 0.0) / half_life)
-    return np.where(np.isnan(created), 0.0, fresh).astype(np.float32)
+    return np.where(created != 0.0, fresh, 0.0).astype(np.float32)

@@ -189,6 +189,9 @@ def _item(event: ItemUpdated, s: State) -> None:
     category = fields.get("category")
     if isinstance(category, str):
         s.category[i] = s.category_slot(category)
+    created = fields.get("created_at")  # the decoder checked it is a number
+    if isinstance(created, int | float) and not isinstance(created, bool):
+        s.created_at[i] = float(created)
 
 
 @_apply.register

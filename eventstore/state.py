@@ -28,7 +28,8 @@ seen           uint8[128]  1024-bit Bloom filter of every item interacted with
 
 Per item: decayed popularity (``pop`` as of ``pop_ts``), impressions, clicks,
 interactions, a CRC of the id (stable across processes, for the Bloom filter), the
-category index and free-form metadata fields.
+category index, the ``created_at`` field as a number (0 when absent, so that ranking
+reads it from an array instead of the metadata dict) and free-form metadata fields.
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ SEQ_EPOCH: Final = 946_684_800  # 2000-01-01: sequence times are whole seconds s
 SEEN_BITS: Final = 1024
 SEEN_BYTES: Final = SEEN_BITS // 8
 N_COUNTS: Final = 9  # the 8 interaction types and impressions
-FORMAT: Final = "rerankd-state/1"
+FORMAT: Final = "rerankd-state/2"  # 2: the created_at item column
 
 # name -> (numpy dtype, row width attribute or int). Order is the byte order of to_bytes().
 _USER_COLUMNS: Final = (
@@ -62,7 +63,7 @@ _USER_COLUMNS: Final = (
 _ITEM_COLUMNS: Final = (
     ("pop", "float64", 1), ("pop_ts", "float64", 1), ("impressions", "uint32", 1),
     ("clicks", "uint32", 1), ("interactions", "uint32", 1), ("crc", "uint32", 1),
-    ("category", "int32", 1),
+    ("category", "int32", 1), ("created_at", "float64", 1),
 )
 _EMPTY_MINUS_ONE: Final = frozenset({"cat_idx", "bought", "seq_item", "category"})
 _header_encoder: Final = msgspec.json.Encoder(order="sorted")
