@@ -15,15 +15,16 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any, Final
 
 import msgspec
 
+from daemon.candidates import CandidateError, Candidates
 from eventstore.schema import JSON_TYPE_WORDS, split_validation_error
 
 __all__ = [
     "ERROR_CODES",
-    "Explain",
     "Forget",
     "Health",
     "Ingest",
@@ -60,18 +61,46 @@ class _Base(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tru
     id: RequestId = None
 
 
-class Rank(_Base, tag="rank"):
-    """Order ``candidates`` (item ids) for ``user``; at most ``k`` come back (all by default)."""
+class _RankWire(_Base, tag="rank"):
+    """``rank`` as it arrives: the candidates stay JSON bytes (see `daemon.candidates`)."""
 
     user: str
-    candidates: list[str]
+    candidates: msgspec.Raw
     k: int | None = None
     context: dict[str, str | int | float | bool | None] | None = None
     explain: bool = False
 
 
-class Explain(Rank, tag="explain"):
-    """``rank`` with an explanation entry per item (score parts, policies applied)."""
+class _ExplainWire(_RankWire, tag="explain"):
+    """``explain``: ``rank`` with an explanation entry per item."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Rank:
+    """
+    Order ``candidates`` (item ids) for ``user``; at most ``k`` come back (all by default).
+
+    ``op`` is ``"explain"`` for the explain op, which is ``rank`` with an explanation
+    entry per item (score parts, policies applied), as is ``explain=True``.
+    ``candidates`` may be given as a list of strings (converted on construction).
+    """
+
+    user: str
+    candidates: Candidates
+    id: RequestId = None
+    k: int | None = None
+    context: dict[str, str | int | float | bool | None] | None = None
+    explain: bool = False
+    op: str = "rank"
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.candidates, Candidates):
+            object.__setattr__(self, "candidates", Candidates.from_ids(self.candidates))
+
+    @property
+    def explained(self) -> bool:
+        """Whether the answer carries an explanation per item."""
+        return self.explain or self.op == "explain"
 
 
 class Ingest(_Base, tag="ingest"):
@@ -100,7 +129,8 @@ class Stats(_Base, tag="stats"):
     """Counters, queue depths, latencies."""
 
 
-Request = Rank | Explain | Ingest | UserInfo | Forget | Health | Stats
+_WireRequest = _RankWire | _ExplainWire | Ingest | UserInfo | Forget | Health | Stats
+Request = Rank | Ingest | UserInfo | Forget | Health | Stats
 _OPS: Final = ("rank", "explain", "ingest", "user", "forget", "health", "stats")
 
 
@@ -145,7 +175,7 @@ class RequestDecoder:
     def __init__(self, *, max_candidates: int = 5000, max_id_bytes: int = 256) -> None:
         self.max_candidates = max_candidates
         self.max_id_bytes = max_id_bytes
-        self._decoder = msgspec.json.Decoder(Request)
+        self._decoder = msgspec.json.Decoder(_WireRequest)
         self._id_decoder = msgspec.json.Decoder(_IdOnly)
 
     def decode(self, line: bytes) -> Request:
@@ -155,6 +185,8 @@ class RequestDecoder:
         except (msgspec.DecodeError, UnicodeDecodeError, RecursionError) as error:
             raise self._translate(error, line) from None
         self._check_limits(request)
+        if isinstance(request, _RankWire):
+            return self._rank(request)
         return request
 
     def _request_id(self, line: bytes) -> RequestId:
@@ -176,46 +208,32 @@ class RequestDecoder:
             return ProtocolError("unknown_op", f"op: expected one of {', '.join(_OPS)}", request_id)
         return ProtocolError("bad_request", _rule(what, field), request_id)
 
-    def _check_limits(self, request: Request) -> None:
+    def _check_limits(self, request: _WireRequest) -> None:
         rid = request.id
         if isinstance(rid, str) and len(rid) > _ID_MAX_CHARS:
             raise ProtocolError("bad_request", f"id: longer than {_ID_MAX_CHARS} characters")
-        if isinstance(request, Rank):
-            self._check_rank(request)
-        elif isinstance(request, UserInfo | Forget):
+        if isinstance(request, UserInfo | Forget):
             self._check_id(request.user, "user", rid)
 
-    def _check_rank(self, request: Rank) -> None:
-        rid = request.id
-        self._check_id(request.user, "user", rid)
-        if len(request.candidates) > self.max_candidates:
-            msg = f"candidates: at most {self.max_candidates} ids per request"
-            raise ProtocolError("too_many_candidates", msg, rid)
-        limit = self.max_id_bytes
-        if request.candidates and _bad_lengths(request.candidates, limit):
-            msg = f"candidates: every id must be 1 to {limit} bytes"
-            raise ProtocolError("bad_request", msg, rid)
-        if request.k is not None and request.k < 1:
+    def _rank(self, wire: _RankWire) -> Rank:
+        rid = wire.id
+        self._check_id(wire.user, "user", rid)
+        if wire.k is not None and wire.k < 1:
             raise ProtocolError("bad_request", "k: must be at least 1", rid)
+        try:
+            candidates = Candidates.parse(
+                wire.candidates, max_count=self.max_candidates, max_id_bytes=self.max_id_bytes
+            )
+        except CandidateError as error:
+            raise ProtocolError(error.code, str(error), rid) from None
+        op = type(wire).__struct_config__.tag
+        return Rank(id=rid, user=wire.user, candidates=candidates, k=wire.k,
+                    context=wire.context, explain=wire.explain, op=op)  # fmt: skip
 
     def _check_id(self, value: str, field: str, rid: RequestId) -> None:
         if not value or len(value.encode()) > self.max_id_bytes:
             msg = f"{field}: must be 1 to {self.max_id_bytes} bytes"
             raise ProtocolError("bad_request", msg, rid)
-
-
-def _bad_lengths(ids: list[str], limit: int) -> bool:
-    """
-    Whether an id is empty or longer than ``limit`` UTF-8 bytes.
-
-    A character is at most 4 bytes, so only ids longer than ``limit // 4`` characters
-    are encoded to count bytes: the common case is two C-speed passes, not 500 encodes.
-    """
-    if min(map(len, ids)) == 0:
-        return True
-    if max(map(len, ids)) <= limit // 4:
-        return False
-    return any(len(i) > limit // 4 and len(i.encode()) > limit for i in ids)
 
 
 def _rule(what: str, field: str) -> str:

@@ -19,6 +19,12 @@ whichever is earlier: a log of historical events (a public data set, a replay) t
 ranks as it would have at its end, instead of decaying every score to zero, and a
 live log, whose newest event is milliseconds old, ranks by the wall clock.
 
+How. Candidate ids are looked up as bytes in a `daemon.candidates.Catalog`, and the
+features, fused scores and top k of a whole batch come from compiled loops
+(`daemon._rankloops`) that run without the GIL. On an accelerator the scores and top
+k come from the compiled JAX kernel instead (`kernels.runtime.Ranker.score`); user
+vectors always do (`Ranker.encode`).
+
 Thread safety. The writer thread may fold new events while a batch reads the state:
 a read can see a user's row mid-update, which at worst gives one stale ranking; the
 next event of that user invalidates the cached vector again. Acknowledged events are
@@ -27,7 +33,6 @@ always visible: ``ingest`` answers after the fold, so the next ``rank`` reads th
 
 from __future__ import annotations
 
-import itertools
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -36,7 +41,9 @@ from typing import Any
 
 import numpy as np
 
-from daemon.protocol import Explain, Rank
+from daemon._rankloops import features_batch, rank_batch_fused
+from daemon.candidates import Catalog
+from daemon.protocol import Rank
 from eventstore import State
 from kernels.runtime import Ranker
 
@@ -56,13 +63,18 @@ class RankedList:
 
 
 @dataclass(slots=True)
-class _Prepared:
-    """A request turned into arrays."""
+class _Batch:
+    """A batch of requests as flat arrays: request b owns candidates offsets[b] .. offsets[b+1]."""
 
-    request: Rank
-    user_row: int | None
-    cand_idx: np.ndarray  # model indices, 0 = unknown to the model
-    features: np.ndarray  # [N, F]
+    requests: Sequence[Rank]
+    offsets: np.ndarray  # int64 [B + 1]
+    user_rows: np.ndarray  # int64 [B], -1 for a user the state does not know
+    rows: np.ndarray  # int32 [T], state rows, -1 unknown
+    models: np.ndarray  # int32 [T], model indices, 0 unknown
+    features: np.ndarray  # float32 [T, F]
+
+
+_NO_TABLE = np.zeros((1, 1), np.float32)
 
 
 class Ranking:
@@ -88,12 +100,13 @@ class Ranking:
     ) -> None:
         self._state_of = state_of
         self.ranker = ranker
-        self._model_index = {item: i + 1 for i, item in enumerate(vocabulary)}
+        self._vocabulary = vocabulary
+        self._catalog = Catalog(vocabulary)
         self.weights = np.asarray(weights, np.float32)
         self._clock = clock
         self._vectors: dict[int, tuple[int, np.ndarray]] = {}
-        self._model_of_row = np.zeros(0, np.int32)  # state item row -> model index
         self._state_seen: State | None = None
+        self._pending_model: tuple[Ranker | None, Sequence[str], Sequence[float]] | None = None
         self._newest = (-math.inf, 0.0)  # (wall time of the check, newest event time)
         self.cache_hits = 0
         self.cache_misses = 0
@@ -102,18 +115,22 @@ class Ranking:
 
     def rank_batch(self, requests: Sequence[Rank]) -> list[RankedList]:
         """Answer ``requests`` in order, with one encode and one score call at most."""
+        if self._pending_model is not None:
+            self._swap_model(*self._pending_model)
         state = self._state_of()
         if state is not self._state_seen:  # erasure rebuilt the state: rows renumbered
             self._vectors.clear()
-            self._model_of_row = np.zeros(0, np.int32)
+            self._catalog = Catalog(self._vocabulary)
             self._state_seen = state
-        now = self._now(state)
-        prepared = [self._prepare(state, r, now) for r in requests]
-        if self.ranker is None:
-            scores = [p.features @ self.weights for p in prepared]
-            return [self._answer(p, s, None) for p, s in zip(prepared, scores, strict=True)]
-        vectors = self._user_vectors(state, prepared)
-        return self._score_with_model(prepared, vectors)
+        self._catalog.sync(state.item_ids)
+        batch = self._prepare(state, requests)
+        vectors = has_vector = None
+        if self.ranker is not None:
+            vectors = self._user_vectors(state, batch.user_rows)
+            has_vector = vectors.any(axis=1)
+            if not self.ranker.host_scores:
+                return self._score_on_device(batch, vectors, has_vector)
+        return self._score_on_host(batch, vectors, has_vector)
 
     def _now(self, state: State) -> float:
         """min(wall clock, newest event time in the state); the latter looked up once a second."""
@@ -135,63 +152,57 @@ class Ranking:
         """
         Serve with another model and weights from the next batch on.
 
-        Call it on the kernel thread (between batches); cached vectors are dropped,
-        since they came from the old model.
+        Safe from any thread: the swap itself happens at the start of the next batch,
+        where nothing else reads the model; cached vectors are dropped then, since they
+        came from the old model.
         """
+        self._pending_model = (ranker, vocabulary, weights)
+
+    def _swap_model(
+        self, ranker: Ranker | None, vocabulary: Sequence[str], weights: Sequence[float]
+    ) -> None:
+        self._pending_model = None
         self.ranker = ranker
-        self._model_index = {item: i + 1 for i, item in enumerate(vocabulary)}
+        self._vocabulary = vocabulary
+        self._catalog = Catalog(vocabulary)
         self.weights = np.asarray(weights, np.float32)
         self._vectors.clear()
-        self._model_of_row = np.zeros(0, np.int32)
 
     # ------------------------------------------------------------ preparing
 
-    def _prepare(self, state: State, request: Rank, now: float) -> _Prepared:
-        user_row = state.user_index.get(request.user)
-        cands = request.candidates
-        # fromiter over map(dict.get): about 2.5x faster than a generator expression
-        rows = map(state.item_index.get, cands, itertools.repeat(-1))
-        slots = np.fromiter(rows, np.int64, len(cands))
-        cand_idx = self._model_indices(state, cands, slots)
-        return _Prepared(request, user_row, cand_idx, _features(state, user_row, slots, now))
-
-    def _model_indices(self, state: State, cands: list[str], slots: np.ndarray) -> np.ndarray:
-        """
-        Model indices of the candidates (0: unknown to the model).
-
-        Items in the state map through an array by state row, kept up to date as the
-        state grows, which saves a second dictionary pass; only candidates the state
-        has never seen are looked up by id.
-        """
-        if not self._model_index:
-            return np.zeros(len(cands), np.int32)
-        table = self._model_of_row
-        if len(table) < state.n_items:
-            lookup = self._model_index.get
-            new = [lookup(i, 0) for i in state.item_ids[len(table) : state.n_items]]
-            table = self._model_of_row = np.concatenate([table, np.asarray(new, np.int32)])
-        known = slots >= 0
-        out = np.zeros(len(cands), np.int32)
-        out[known] = table[slots[known]]
-        if not known.all():
-            lookup = self._model_index.get
-            for k in np.flatnonzero(~known):
-                out[k] = lookup(cands[k], 0)
-        return out
+    def _prepare(self, state: State, requests: Sequence[Rank]) -> _Batch:
+        sizes = [len(r.candidates) for r in requests]
+        offsets = np.zeros(len(requests) + 1, np.int64)
+        np.cumsum(sizes, out=offsets[1:])
+        total = int(offsets[-1])
+        rows = np.empty(total, np.int32)
+        models = np.empty(total, np.int32)
+        for b, request in enumerate(requests):
+            t0, t1 = offsets[b], offsets[b + 1]
+            rows[t0:t1], models[t0:t1] = self._catalog.lookup(request.candidates)
+        index = state.user_index
+        user_rows = np.fromiter((index.get(r.user, -1) for r in requests), np.int64, len(requests))
+        features = np.empty((total, len(FEATURES)), np.float32)
+        # arrays fetched after the catalogue's sync: they are at least as long as the rows it knows
+        columns = (state.array(n) for n in ("pop", "pop_ts", "created_at", "category",
+                                            "cat_idx", "cat_w", "cat_ts"))  # fmt: skip
+        features_batch(rows, offsets, user_rows, *columns, state.K, self._now(state),
+                       state.config.half_life_s, features)  # fmt: skip
+        return _Batch(requests, offsets, user_rows, rows, models, features)
 
     # --------------------------------------------------------------- vectors
 
-    def _user_vectors(self, state: State, prepared: Sequence[_Prepared]) -> np.ndarray:
+    def _user_vectors(self, state: State, user_rows: np.ndarray) -> np.ndarray:
         """``[B, d]``: cached where the user has had no event since, encoded otherwise."""
         assert self.ranker is not None
         dim = self.ranker.config.dim
-        out = np.zeros((len(prepared), dim), np.float32)
+        out = np.zeros((len(user_rows), dim), np.float32)
         stale: dict[int, int] = {}  # user row -> version, for users needing an encode
-        for k, p in enumerate(prepared):
-            u = p.user_row
-            if u is None or state.n_events[u] == 0:
+        n_events = state.n_events
+        for k, u in enumerate(user_rows.tolist()):
+            if u < 0 or n_events[u] == 0:
                 continue
-            version = int(state.n_events[u])
+            version = int(n_events[u])
             cached = self._vectors.get(u)
             if cached is not None and cached[0] == version:
                 out[k] = cached[1]
@@ -201,21 +212,23 @@ class Ranking:
                 self.cache_misses += 1
         if stale:
             self._encode(state, stale)
-            for k, p in enumerate(prepared):
-                if p.user_row in stale:
-                    out[k] = self._vectors[p.user_row][1]
+            for k, u in enumerate(user_rows.tolist()):
+                if u in stale:
+                    out[k] = self._vectors[u][1]
         return out
 
     def _encode(self, state: State, stale: dict[int, int]) -> None:
         assert self.ranker is not None
         rows = list(stale)
-        seqs = np.zeros((len(rows), self.ranker.config.max_len), np.int32)
-        lookup = self._model_index.get
-        item_ids = state.item_ids
+        max_len = self.ranker.config.max_len
+        seqs = np.zeros((len(rows), max_len), np.int32)
+        model_of_row = self._catalog.model_of_row
         for r, u in enumerate(rows):
-            seq = [lookup(item_ids[i], 0) for i in state.sequence(u)]
-            seq = [i for i in seq if i][-self.ranker.config.max_len :]
-            if seq:
+            items = state.sequence(u)
+            items = items[items < len(model_of_row)]  # rows newer than the catalogue: skipped
+            seq = model_of_row[items]
+            seq = seq[seq > 0][-max_len:]
+            if len(seq):
                 seqs[r, -len(seq) :] = seq
         limit = self.ranker.batch_buckets[-1]
         for start in range(0, len(rows), limit):
@@ -225,97 +238,82 @@ class Ranking:
 
     # --------------------------------------------------------------- scoring
 
-    def _score_with_model(
-        self, prepared: Sequence[_Prepared], vectors: np.ndarray
+    def _score_on_host(
+        self, batch: _Batch, vectors: np.ndarray | None, has_vector: np.ndarray | None
     ) -> list[RankedList]:
+        """Scores and top k of the whole batch in one compiled pass (CPU, or no model)."""
+        b = len(batch.requests)
+        if vectors is None or has_vector is None or self.ranker is None:
+            table, vectors, has_vector = _NO_TABLE, np.zeros((b, 1), np.float32), np.zeros(b, bool)
+        else:
+            table = self.ranker.item_table
+        total = len(batch.rows)
+        ks = np.fromiter((r.k or total for r in batch.requests), np.int64, b)
+        scores = np.empty(total, np.float32)
+        order = np.empty(total, np.int64)
+        counts = np.empty(b, np.int64)
+        code = rank_batch_fused(table, vectors, has_vector, batch.models, batch.offsets, ks,
+                                batch.features, self.weights, scores, order, counts)  # fmt: skip
+        if code != 0:
+            msg = "a model index outside the model's item table"
+            raise RuntimeError(msg)
+        out = []
+        for k in range(b):
+            t0, t1 = int(batch.offsets[k]), int(batch.offsets[k + 1])
+            top = order[t0 : t0 + counts[k]]
+            out.append(self._answer(batch, k, scores[t0:t1], top, has_vector=bool(has_vector[k])))
+        return out
+
+    def _score_on_device(
+        self, batch: _Batch, vectors: np.ndarray, has_vector: np.ndarray
+    ) -> list[RankedList]:
+        """Scores and top k from the compiled JAX kernel (an accelerator holds the table)."""
         assert self.ranker is not None
-        rows = len(prepared)
-        cols = max(len(p.cand_idx) for p in prepared)
+        offsets = batch.offsets
+        sizes = np.diff(offsets)
+        rows, cols = len(batch.requests), int(sizes.max(initial=1))
         idx = np.zeros((rows, cols), np.int32)
         where = np.zeros((rows, cols), bool)
         feats = np.zeros((rows, cols, len(FEATURES)), np.float32)
-        for k, p in enumerate(prepared):
-            n = len(p.cand_idx)
-            idx[k, :n] = p.cand_idx
-            where[k, :n] = True
-            feats[k, :n] = p.features
+        for k in range(rows):
+            t0, t1 = offsets[k], offsets[k + 1]
+            idx[k, : t1 - t0] = batch.models[t0:t1]
+            where[k, : t1 - t0] = True
+            feats[k, : t1 - t0] = batch.features[t0:t1]
         scored = self.ranker.score(vectors, idx, where=where, features=feats)
-        return [
-            self._answer(p, scored.scores[k, : len(p.cand_idx)], vectors[k], scored.top_idx[k])
-            for k, p in enumerate(prepared)
-        ]
+        out = []
+        for k, request in enumerate(batch.requests):
+            n = int(sizes[k])
+            scores = scored.scores[k, :n]
+            top = scored.top_idx[k]
+            if request.k is not None and request.k <= len(top):
+                order = top[: request.k][top[: request.k] >= 0]  # same order as a stable sort
+            else:
+                order = np.argsort(-scores, kind="stable")[: request.k]
+            out.append(self._answer(batch, k, scores, order, has_vector=bool(has_vector[k])))
+        return out
 
     def _answer(
-        self,
-        p: _Prepared,
-        scores: np.ndarray,
-        vector: np.ndarray | None,
-        top: np.ndarray | None = None,
+        self, batch: _Batch, k: int, scores: np.ndarray, order: np.ndarray, *, has_vector: bool
     ) -> RankedList:
-        request = p.request
-        k = request.k
-        if top is not None and k is not None and k <= len(top):
-            order = top[:k][top[:k] >= 0]  # the kernel's top k: same order as a stable sort
-        else:
-            order = np.argsort(-scores, kind="stable")[:k]
-        items = [request.candidates[i] for i in order]
-        has_vector = vector is not None and bool(vector.any())
+        request = batch.requests[k]
+        items = request.candidates.pick(order)
         explain = None
-        if request.explain or isinstance(request, Explain):
-            explain = [self._explain_one(p, int(i), scores, has_vector=has_vector) for i in order]
+        if request.explained:
+            t0 = int(batch.offsets[k])
+            explain = [
+                self._explain_one(batch, t0 + int(i), float(scores[i]), has_vector=has_vector)
+                for i in order
+            ]
         source = "model" if has_vector else "features"
         rounded = scores[order].astype(np.float64).round(6).tolist()
         return RankedList(items, rounded, explain, source)
 
     def _explain_one(
-        self, p: _Prepared, i: int, scores: np.ndarray, *, has_vector: bool
+        self, batch: _Batch, t: int, score: float, *, has_vector: bool
     ) -> dict[str, Any]:
-        parts = {name: round(float(self.weights[f] * p.features[i, f]), 6)
+        parts = {name: round(float(self.weights[f] * batch.features[t, f]), 6)
                  for f, name in enumerate(FEATURES)}  # fmt: skip
-        feature_sum = sum(parts.values())
-        model = float(scores[i]) - feature_sum if has_vector and p.cand_idx[i] else 0.0
-        return {
-            "model": round(model, 6),
-            **parts,
-            "known_to_model": bool(p.cand_idx[i]),
-        }
-
-
-def _features(state: State, user_row: int | None, slots: np.ndarray, now: float) -> np.ndarray:
-    """``[N, F]`` float32 features of candidate item rows ``slots`` (-1: unknown item)."""
-    out = np.zeros((len(slots), len(FEATURES)), np.float32)
-    known = slots >= 0
-    if not known.any():
-        return out
-    rows = slots[known]
-    half_life = state.config.half_life_s
-    # state.array, not state.columns: columns() caches, and only the writer may fill it
-    pop, pop_ts, category = (state.array(n) for n in ("pop", "pop_ts", "category"))
-    decayed = pop[rows] * np.exp2(-np.maximum(now - pop_ts[rows], 0.0) / half_life)
-    out[known, 0] = np.log1p(np.maximum(decayed, 0.0))
-    if user_row is not None:
-        out[known, 1] = _category_interest(state, user_row, category[rows], now)
-    out[known, 2] = _freshness(state, rows, now, half_life)
-    return out
-
-
-def _category_interest(state: State, u: int, categories: np.ndarray, now: float) -> np.ndarray:
-    k = state.K
-    cat_idx, cat_w, cat_ts = (state.array(n) for n in ("cat_idx", "cat_w", "cat_ts"))
-    anchor = cat_ts[u]
-    if not anchor:
-        return np.zeros(len(categories), np.float32)
-    decay = math.exp2(-max(now - anchor, 0.0) / state.config.half_life_s)
-    interest = np.zeros(len(categories), np.float32)
-    for slot in range(u * k, (u + 1) * k):
-        c = cat_idx[slot]
-        if c >= 0:
-            interest[categories == c] += cat_w[slot] * decay
-    return interest
-
-
-def _freshness(state: State, rows: np.ndarray, now: float, half_life: float) -> np.ndarray:
-    """2^(-age / half-life) from the state's created_at column; 0 where an item has none."""
-    created = state.array("created_at")[rows]
-    fresh = np.exp2(-np.maximum(now - created, 0.0) / half_life)
-    return np.where(created != 0.0, fresh, 0.0).astype(np.float32)
+        known = bool(batch.models[t])
+        model = score - sum(parts.values()) if has_vector and known else 0.0
+        return {"model": round(model, 6), **parts, "known_to_model": known}

@@ -160,6 +160,11 @@ class Ranker:
         self._weights = jax.device_put(self._host_weights, self.device)
 
     @property
+    def item_table(self) -> np.ndarray:
+        """The item embeddings ``[num_items + 1, d]`` as a float32 host array (row 0: padding)."""
+        return self._table
+
+    @property
     def compile_count(self) -> int:
         """Executables compiled so far (fixed after `warmup()`)."""
         return len(self._encoders) + len(self._scorers)
