@@ -124,6 +124,12 @@ class RankingSection:
             least [server].max_candidates for the model to score every request.
         record_impressions: log what each answer showed (an ``impression`` event with
             its ranking_id), so that later clicks attribute to it.
+        refresh_vectors: re-encode a user's vector in the background as soon as the
+            user's events are folded, so that the next rank finds it ready.
+        train_on_start: with no model_path, train a small model from the log in the
+            background (written to ``<data_dir>/model.safetensors`` and used by later
+            starts too), ranking by features until it is ready.
+        train_max_seconds: time bound of that training.
     """
 
     model_path: Path | None = None
@@ -134,8 +140,14 @@ class RankingSection:
     batch_buckets: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64)
     candidate_buckets: tuple[int, ...] = (64, 128, 256, 512, 1024, 2048, 4096, 8192)
     record_impressions: bool = True
+    refresh_vectors: bool = True
+    train_on_start: bool = True
+    train_max_seconds: float = 300.0
 
     def __post_init__(self) -> None:
+        if self.train_max_seconds <= 0:
+            msg = "train_max_seconds must be > 0"
+            raise ValueError(msg)
         if self.max_batch < 1:
             msg = "max_batch must be >= 1"
             raise ValueError(msg)

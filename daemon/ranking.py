@@ -34,6 +34,7 @@ always visible: ``ingest`` answers after the fold, so the next ``rank`` reads th
 from __future__ import annotations
 
 import math
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -107,23 +108,27 @@ class Ranking:
         self._vectors: dict[int, tuple[int, np.ndarray]] = {}
         self._state_seen: State | None = None
         self._pending_model: tuple[Ranker | None, Sequence[str], Sequence[float]] | None = None
+        # the catalogue is grown by the rank path and the vector refresher (two threads)
+        self._catalog_lock = threading.Lock()
         self._newest = (-math.inf, 0.0)  # (wall time of the check, newest event time)
         self.cache_hits = 0
         self.cache_misses = 0
+        self.refreshed = 0  # vectors re-encoded by `refresh`, off the request path
 
     # ---------------------------------------------------------------- public
 
     def rank_batch(self, requests: Sequence[Rank]) -> list[RankedList]:
         """Answer ``requests`` in order, with one encode and one score call at most."""
-        if self._pending_model is not None:
-            self._swap_model(*self._pending_model)
-        state = self._state_of()
-        if state is not self._state_seen:  # erasure rebuilt the state: rows renumbered
-            self._vectors.clear()
-            self._catalog = Catalog(self._vocabulary)
-            self._state_seen = state
-        self._catalog.sync(state.item_ids)
-        batch = self._prepare(state, requests)
+        with self._catalog_lock:
+            if self._pending_model is not None:
+                self._swap_model(*self._pending_model)
+            state = self._state_of()
+            if state is not self._state_seen:  # erasure rebuilt the state: rows renumbered
+                self._vectors.clear()
+                self._catalog = Catalog(self._vocabulary)
+                self._state_seen = state
+            self._catalog.sync(state.item_ids)
+            batch = self._prepare(state, requests)
         vectors = has_vector = None
         if self.ranker is not None:
             vectors = self._user_vectors(state, batch.user_rows)
@@ -141,6 +146,32 @@ class Ranking:
             newest = float(state.array("pop_ts")[:n].max()) if n else 0.0
             self._newest = (wall, newest)
         return min(wall, newest) if newest > 0 else wall
+
+    def refresh(self, user_rows: Sequence[int]) -> int:
+        """
+        Re-encode the cached vectors of ``user_rows`` that their new events made stale.
+
+        Called by the daemon's vector refresher (on the kernel thread) right after a
+        fold, so that a rank finds the vector ready instead of encoding it on the
+        request path. Returns how many vectors it encoded.
+        """
+        with self._catalog_lock:
+            ranker = self.ranker
+            state = self._state_of()
+            if ranker is None or self._pending_model is not None or state is not self._state_seen:
+                return 0  # the next batch swaps the model or resets the cache first
+            self._catalog.sync(state.item_ids)  # the rows of the items just folded
+        n_events = state.n_events
+        stale = {}
+        for u in user_rows:
+            if 0 <= u < len(n_events) and n_events[u]:
+                cached = self._vectors.get(u)
+                if cached is None or cached[0] != n_events[u]:
+                    stale[u] = int(n_events[u])
+        if stale:
+            self._encode(state, stale, ranker)
+            self.refreshed += len(stale)
+        return len(stale)
 
     def forget_vectors(self) -> None:
         """Drop every cached user vector (after an erasure or a model reload)."""
@@ -211,16 +242,15 @@ class Ranking:
                 stale[u] = version
                 self.cache_misses += 1
         if stale:
-            self._encode(state, stale)
+            self._encode(state, stale, self.ranker)
             for k, u in enumerate(user_rows.tolist()):
                 if u in stale:
                     out[k] = self._vectors[u][1]
         return out
 
-    def _encode(self, state: State, stale: dict[int, int]) -> None:
-        assert self.ranker is not None
+    def _encode(self, state: State, stale: dict[int, int], ranker: Ranker) -> None:
         rows = list(stale)
-        max_len = self.ranker.config.max_len
+        max_len = ranker.config.max_len
         seqs = np.zeros((len(rows), max_len), np.int32)
         model_of_row = self._catalog.model_of_row
         for r, u in enumerate(rows):
@@ -230,9 +260,11 @@ class Ranking:
             seq = seq[seq > 0][-max_len:]
             if len(seq):
                 seqs[r, -len(seq) :] = seq
-        limit = self.ranker.batch_buckets[-1]
+        limit = ranker.batch_buckets[-1]
         for start in range(0, len(rows), limit):
-            vecs = self.ranker.encode(seqs[start : start + limit])
+            vecs = ranker.encode(seqs[start : start + limit])
+            if ranker is not self.ranker:
+                return  # the model was swapped meanwhile: these vectors are the old model's
             for u, vec in zip(rows[start : start + limit], vecs, strict=True):
                 self._vectors[u] = (stale[u], vec)
 

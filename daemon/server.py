@@ -93,6 +93,8 @@ class _Connection:
             if self.writer.is_closing():
                 return
             self.writer.write(data)
+            if not self.writer.transport.get_write_buffer_size():
+                return  # all of it went to the socket: nothing to wait for (the common case)
             try:
                 async with asyncio.timeout(self._timeout):
                     await self.writer.drain()

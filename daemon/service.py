@@ -20,6 +20,7 @@ import contextlib
 import itertools
 import os
 import signal
+import threading
 import time
 import uuid
 from collections.abc import Sequence
@@ -31,6 +32,8 @@ from typing import Any
 import structlog
 
 from daemon._errors import DaemonError
+from daemon.autotrain import train_from_log
+from daemon.candidates import Candidates
 from daemon.config import DEFAULTS_SOURCE, Config, load_config
 from daemon.metrics import Metrics
 from daemon.protocol import (
@@ -49,6 +52,7 @@ from daemon.server import Server, bind_unix_socket
 from daemon.systemd import inherited_socket, notify, watchdog_interval_s
 from eventstore import BackpressureError, EventDecoder, GroupCommitter, Store
 from eventstore.schema import ItemsShown, UserForgotten
+from eventstore.store import LOG_FILE
 from kernels.modelfile import ModelFileError, load_model
 from kernels.runtime import Ranker
 
@@ -56,7 +60,11 @@ __all__ = ["Service", "ShutdownRequested", "run"]
 
 _log = structlog.get_logger("daemon.service")
 _IMPRESSION_FLUSH_S = 0.005
+_REFRESH_CHUNK = 8  # users re-encoded per refresher job: short jobs, so batches never wait long
+#: Where a model trained from the log on a first start goes (under [store].data_dir).
+TRAINED_MODEL = "model.safetensors"
 _MAX_PENDING_IMPRESSIONS = 100_000
+_INLINE_ALL = bool(os.environ.get("INLINE_ALL"))
 
 
 class ShutdownRequested(Exception):  # noqa: N818 - control flow, not an error (STYLE.md 6)
@@ -111,7 +119,7 @@ class _Batcher:
                 batch.append(self._queue.get_nowait())
             requests = [r for r, _ in batch]
             try:
-                if len(requests) == 1:
+                if len(requests) == 1 or _INLINE_ALL:
                     results = self._ranking.rank_batch(requests)
                 else:
                     self._busy = True
@@ -154,6 +162,12 @@ class Service:
         # ranking ids: a random per-process prefix and a counter (unique without uuid4's
         # 2.5 µs of os.urandom per answer)
         prefix = f"r-{uuid.uuid4().hex[:16]}-"
+        self._touched: set[int] = set()  # user rows waiting for the vector refresher
+        self._touched_lock = threading.Lock()
+        self._refresh_wake: asyncio.Event | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._training: threading.Thread | None = None
+        self._op_counters: dict[str, Any] = {}  # op -> its child of the requests counter
         self._ranking_ids = map(f"{prefix}{{:x}}".format, itertools.count()).__next__
 
     # ---------------------------------------------------------------- set-up
@@ -180,6 +194,10 @@ class Service:
         self.batcher = _Batcher(
             self.ranking, self.kernel_thread, self.config.ranking.max_batch, self.metrics
         )
+        # compile the rank path's loops now (numba, cached on disk after the first
+        # start), not on the first request: an unknown user and item, nothing written
+        self.ranking.rank_batch([Rank(user="-", candidates=Candidates.parse(
+            b'["-"]', max_count=1, max_id_bytes=1), explain=True)])  # fmt: skip
         self._register_gauges()
         if self.config.metrics.listen:
             host, port = self.metrics.serve(self.config.metrics.listen)
@@ -189,6 +207,8 @@ class Service:
         """The writer's sink: append + fold, then a snapshot if the interval has passed."""
         assert self.store is not None
         result = self.store.append(events, positions=positions)
+        if self._refresh_wake is not None and self.ranking and self.ranking.ranker is not None:
+            self._note_touched(events)
         interval = self.config.store.snapshot_interval_s
         when, offset = self._last_snapshot
         state_offset = self.store.state.offset
@@ -196,6 +216,80 @@ class Service:
             self.store.snapshot()
             self._last_snapshot = (time.monotonic(), state_offset)
         return result
+
+    def _note_touched(self, events: Sequence[Any]) -> None:
+        """Queue the users whose interactions were just folded for the vector refresher."""
+        index = self.store.state.user_index if self.store else {}
+        rows = {index.get(e.user, -1) for e in events
+                if getattr(e, "item", None) is not None and getattr(e, "user", None)}  # fmt: skip
+        rows.discard(-1)
+        if rows and self._loop is not None:
+            with self._touched_lock:
+                self._touched |= rows
+            self._loop.call_soon_threadsafe(self._refresh_wake.set)  # type: ignore[union-attr]
+
+    async def refresh_vectors(self) -> None:
+        """
+        Re-encode the vectors of users with new events, off the request path.
+
+        Jobs of at most `_REFRESH_CHUNK` users go to the kernel thread one at a time,
+        between rank batches; users touched again meanwhile are coalesced.
+        """
+        assert self.ranking is not None
+        ranking, loop = self.ranking, asyncio.get_running_loop()
+        self._loop = loop
+        self._refresh_wake = wake = asyncio.Event()
+        while True:
+            await wake.wait()
+            wake.clear()
+            while True:
+                with self._touched_lock:
+                    touched = self._touched
+                    chunk = [touched.pop() for _ in range(min(_REFRESH_CHUNK, len(touched)))]
+                if not chunk:
+                    break
+                try:
+                    await loop.run_in_executor(self.kernel_thread, ranking.refresh, chunk)
+                except Exception:  # noqa: BLE001 - a failed refresh leaves the encode to rank
+                    _log.exception("vector_refresh_failed", users=len(chunk))
+
+    def start_training(self) -> None:
+        """
+        With no model: train one from the log in the background, then serve it.
+
+        Ranking goes on by features meanwhile; the log says which is served, and why
+        training was skipped when it is. The model file is written atomically, so a
+        stop during training leaves either no file or a whole one.
+        """
+        r = self.config.ranking
+        if self.model.ranker is not None or r.model_path is not None or not r.train_on_start:
+            return
+        out = self.config.store.data_dir / TRAINED_MODEL
+        _log.info("model_absent", scoring="popularity, category interest and freshness",
+                  training=str(out), max_seconds=r.train_max_seconds)  # fmt: skip
+        thread = threading.Thread(target=self._train, args=(out,), name="daemon[train]",
+                                  daemon=True)  # fmt: skip
+        thread.start()
+        self._training = thread
+
+    def _train(self, out: Path) -> None:
+        config = self.config
+        try:
+            result = train_from_log(config.store.data_dir / LOG_FILE, out,
+                                    max_seconds=config.ranking.train_max_seconds)  # fmt: skip
+            if result.path is None:
+                _log.info("model_training_skipped", reason=result.reason,
+                          scoring="popularity, category interest and freshness")  # fmt: skip
+                return
+            model = _load_model(config)
+        except Exception:  # noqa: BLE001 - training is best effort; ranking goes on by features
+            _log.exception("model_training_failed")
+            return
+        assert self.ranking is not None
+        self.ranking.replace_model(model.ranker, model.vocabulary, _feature_weights(config))
+        self.model = model
+        _log.info("model_trained", path=str(out), items=result.items, users=result.users,
+                  epochs=result.epochs, seconds=round(result.seconds, 1))  # fmt: skip
 
     def _register_gauges(self) -> None:
         store, committer, ranking = self.store, self.committer, self.ranking
@@ -213,7 +307,10 @@ class Service:
                                              lambda: time.monotonic() - self._last_snapshot[0]),
             "rerankd_vector_cache_hits": ("User vectors served from cache",
                                           lambda: ranking.cache_hits),
-            "rerankd_vector_cache_misses": ("User vectors encoded", lambda: ranking.cache_misses),
+            "rerankd_vector_cache_misses": ("User vectors encoded on the request path",
+                                            lambda: ranking.cache_misses),
+            "rerankd_vectors_refreshed": ("User vectors re-encoded in the background",
+                                          lambda: ranking.refreshed),
             "rerankd_compiled_kernels": ("Compiled kernel executables", self._compile_count),
             "rerankd_connections": ("Open socket connections",
                                     lambda: self.server.connections if self.server else 0),
@@ -265,15 +362,23 @@ class Service:
     # -------------------------------------------------------------- handlers
 
     async def handle(self, request: Request) -> dict[str, Any]:
-        """Route one request to its handler, counting it and its errors."""
+        """
+        Route one request to its handler, counting it and its errors.
+
+        The request id and op are bound to the log context without being unbound:
+        the server runs each request in its own task, whose context copy ends with it.
+        """
         op = request.op if isinstance(request, Rank) else type(request).__struct_config__.tag
-        self.metrics.requests.labels(op=op).inc()
-        with structlog.contextvars.bound_contextvars(request_id=request.id, op=op):
-            try:
-                return await self._route(request)
-            except ProtocolError as error:
-                self.metrics.errors.labels(code=error.code).inc()
-                raise
+        counter = self._op_counters.get(op)
+        if counter is None:
+            counter = self._op_counters[op] = self.metrics.requests.labels(op=op)
+        counter.inc()
+        structlog.contextvars.bind_contextvars(request_id=request.id, op=op)
+        try:
+            return await self._route(request)
+        except ProtocolError as error:
+            self.metrics.errors.labels(code=error.code).inc()
+            raise
 
     async def _route(self, request: Request) -> dict[str, Any]:
         if isinstance(request, Rank):
@@ -404,7 +509,11 @@ class Service:
             "writer_pending": self.committer.pending,
             "rank_batches": m.total("rerankd_rank_batch_size_count"),
             "rank_batched_requests": m.total("rerankd_rank_batch_size_sum"),
-            "vector_cache": {"hits": self.ranking.cache_hits, "misses": self.ranking.cache_misses},
+            "vector_cache": {
+                "hits": self.ranking.cache_hits,
+                "misses": self.ranking.cache_misses,
+                "refreshed": self.ranking.refreshed,
+            },
             "rank_latency_ms": self.metrics.rank_percentiles_ms(),
             "connections": self.server.connections if self.server else 0,
             "snapshot_age_s": round(time.monotonic() - self._last_snapshot[0], 3),
@@ -436,21 +545,30 @@ class _Model:
 
 
 def _load_model(config: Config) -> _Model:
-    """Load and warm up the model the config names (blocking), or none."""
+    """
+    Load and warm up the model to serve (blocking), or none.
+
+    The configured ``model_path``; without one, the model trained from the log at an
+    earlier start (``<data_dir>/model.safetensors``), if there is one.
+    """
     path = config.ranking.model_path
     if path is None:
-        _log.info("model_absent", scoring="popularity, category interest and freshness",
-                  hint="set [ranking].model_path to a file from `rerankd train`")  # fmt: skip
-        return _Model(None, (), "none", 0.0)
+        trained = config.store.data_dir / TRAINED_MODEL
+        if not trained.exists():
+            return _Model(None, (), "none", 0.0)
+        path = trained
     loaded = load_model(path)
     ranker = Ranker(
         loaded.params, loaded.config, feature_weights=_feature_weights(config),
         batch_buckets=config.ranking.batch_buckets,
         candidate_buckets=config.ranking.candidate_buckets,
     )  # fmt: skip
-    report = ranker.warmup()
-    _log.info("model_loaded", items=loaded.config.num_items, executables=report.executables,
-              warmup_s=round(report.seconds, 2), device=report.device)  # fmt: skip
+    # on a CPU the daemon scores with its own compiled loops (daemon.ranking): only the
+    # encoders need compiling then
+    report = ranker.warmup(scorers=not ranker.host_scores)
+    _log.info("model_loaded", path=str(path), items=loaded.config.num_items,
+              executables=report.executables, warmup_s=round(report.seconds, 2),
+              device=report.device)  # fmt: skip
     return _Model(ranker, loaded.manifest.vocabulary, str(path), report.seconds)
 
 
@@ -505,6 +623,7 @@ async def _main(config: Config) -> int:
         notify("READY=1", f"STATUS=serving on {socket_path or 'an inherited socket'}")
         _log.info("ready", socket=str(socket_path) if socket_path else "inherited",
                   model=service.model.ranker is not None, pid=os.getpid())  # fmt: skip
+        service.start_training()
         await _serve(service, server, shutdown)
     finally:
         notify("STOPPING=1")
@@ -523,6 +642,8 @@ async def _serve(service: Service, server: Server, shutdown: asyncio.Event) -> N
             tg.create_task(service.batcher.run(), name="daemon[ranking].batcher")
             tg.create_task(_watchdog(), name="daemon[systemd].watchdog")
             tg.create_task(service.flush_impressions(), name="daemon[ranking].impressions")
+            if service.config.ranking.refresh_vectors:
+                tg.create_task(service.refresh_vectors(), name="daemon[ranking].refresher")
             tg.create_task(
                 _stop_on(shutdown, server, service.config.server.graceful_timeout_s),
                 name="daemon[main].shutdown",

@@ -169,13 +169,18 @@ class Ranker:
         """Executables compiled so far (fixed after `warmup()`)."""
         return len(self._encoders) + len(self._scorers)
 
-    def warmup(self) -> WarmupReport:
-        """Compile every encode and score bucket; idempotent. Returns what it did."""
+    def warmup(self, *, scorers: bool = True) -> WarmupReport:
+        """
+        Compile every encode and score bucket; idempotent. Returns what it did.
+
+        ``scorers=False`` compiles the encoders only, for a caller that scores on its
+        own (the daemon on a CPU does, see `daemon.ranking`); `score` then refuses.
+        """
         start = time.perf_counter()
         for b in self.batch_buckets:
             if b not in self._encoders:
                 self._encoders[b] = self._compile_encoder(b)
-            for n in self.candidate_buckets:
+            for n in self.candidate_buckets if scorers else ():
                 if (b, n) not in self._scorers:
                     self._scorers[b, n] = self._compile_scorer(b, n)
                     self._allocate(b, n)

@@ -236,7 +236,8 @@ def test_model_ranks_the_next_item_of_the_sequence(start: Any, model_file: Path)
         assert explain["unknown-item"]["known_to_model"] is False
         assert explain["m6"]["model"] > explain["m1"]["model"]
         compiled = client.request("stats")["compile_count"]
-        assert compiled == 2 + 2 * 2  # encode per batch bucket, score per (batch, candidates)
+        # one encoder per batch bucket; on a CPU the daemon scores with its own loops
+        assert compiled == 2
         for n in range(30):
             client.request("rank", user=f"x-{n % 3}", candidates=candidates[: 1 + n % 6])
         assert client.request("stats")["compile_count"] == compiled
@@ -291,3 +292,67 @@ def _impressions_of(client: Client, user: str) -> int:
         if error.code != "not_found":
             raise
         return 0
+
+
+def _poll(read: Any, done: Any, timeout_s: float = 120.0) -> Any:
+    """``read()`` until ``done(value)``, or fail with the last value."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = read()
+        if done(value) or time.monotonic() > deadline:
+            return value
+        time.sleep(0.1)
+
+
+def test_vectors_are_refreshed_off_the_request_path(start: Any, model_file: Path) -> None:
+    """A user's new events re-encode the vector in the background: the next rank is a hit."""
+    daemon = start(_model_config(model_file))
+    with daemon.client() as client:
+        history = [_event(n, "view", user="fresh", item=f"m{n}") for n in (3, 4, 5)]
+        client.request("ingest", events=history)
+        cache = _poll(lambda: client.request("stats")["vector_cache"],
+                      lambda c: c["refreshed"] >= 1, timeout_s=30)  # fmt: skip
+        assert cache["refreshed"] >= 1
+        ranked = client.request("rank", user="fresh", candidates=["m1", "m6", "m9"])
+        after = client.request("stats")["vector_cache"]
+    assert "m6" == ranked["items"][0]
+    assert (cache["hits"] + 1, cache["misses"]) == (after["hits"], after["misses"])
+
+
+def _cycle_views(users: int, length: int, items: int) -> list[dict[str, Any]]:
+    """Each user views a run of ``length`` consecutive items of a cycle of ``items``."""
+    return [_event(u * 100 + j, "view", user=f"cyc-{u}", item=f"c{(u + j) % items}")
+            for u in range(users) for j in range(length)]  # fmt: skip
+
+
+def test_first_start_without_a_model_trains_one_from_the_log(start: Any) -> None:
+    """
+    No model_path: too little data is said in the log and features rank; once the log
+    has enough, a start trains a model in the background and serves it; the start after
+    that loads the trained file before READY.
+    """
+    config = "[ranking]\ntrain_max_seconds = 20.0\n"
+    daemon = start(config)
+    log = daemon.tmp / "daemon.log"
+    skipped = _poll(log.read_text, lambda text: "model_training_skipped" in text, timeout_s=60)
+    assert "too little data" in skipped
+    with daemon.client() as client:
+        client.request("ingest", events=_cycle_views(users=60, length=12, items=20))
+        assert "none" == client.request("stats")["model"]
+    assert 0 == daemon.stop()
+
+    daemon = start(config)
+    with daemon.client() as client:
+        model = _poll(lambda: client.request("stats")["model"], lambda m: m != "none",
+                      timeout_s=240)  # fmt: skip
+        assert model.endswith("model.safetensors")
+        ranked = client.request("rank", user="cyc-0", candidates=["c3", "c15", "c12", "c7"])
+    # cyc-0 viewed c0 .. c11: the model puts the cycle's next item, c12, first
+    assert "model" == ranked["source"]
+    assert "c12" == ranked["items"][0]
+    assert "model_trained" in log.read_text()
+    assert 0 == daemon.stop()
+
+    daemon = start(config)
+    with daemon.client() as client:
+        assert client.request("health")["model"] is True
