@@ -147,6 +147,22 @@ class Ranking:
             self._newest = (wall, newest)
         return min(wall, newest) if newest > 0 else wall
 
+    def needs_encode(self, requests: Sequence[Rank]) -> bool:
+        """Whether ranking ``requests`` must encode a user vector (none cached, or stale)."""
+        if self.ranker is None or self._pending_model is not None:
+            return False
+        state = self._state_of()
+        if state is not self._state_seen:
+            return True
+        index, n_events, vectors = state.user_index, state.n_events, self._vectors
+        for request in requests:
+            u = index.get(request.user)
+            if u is not None and n_events[u]:
+                cached = vectors.get(u)
+                if cached is None or cached[0] != n_events[u]:
+                    return True
+        return False
+
     def refresh(self, user_rows: Sequence[int]) -> int:
         """
         Re-encode the cached vectors of ``user_rows`` that their new events made stale.

@@ -81,28 +81,33 @@ def bind_unix_socket(path: os.PathLike[str] | str, *, mode: int) -> socket.socke
 
 
 class _Connection:
-    """The write side of one connection: serialised, time-limited writes."""
+    """
+    The write side of one connection: whole-line, time-limited writes.
+
+    Each answer is written whole, so lines never interleave; an answer that does not
+    fit in the socket buffer waits for the client to read (bounded by the write
+    timeout). The buffered answers of a connection are bounded by its in-flight limit.
+    """
 
     def __init__(self, writer: asyncio.StreamWriter, write_timeout_s: float) -> None:
         self.writer = writer
-        self._lock = asyncio.Lock()
         self._timeout = write_timeout_s
 
     async def send(self, data: bytes) -> None:
-        async with self._lock:
-            if self.writer.is_closing():
-                return
-            self.writer.write(data)
-            if not self.writer.transport.get_write_buffer_size():
-                return  # all of it went to the socket: nothing to wait for (the common case)
-            try:
-                async with asyncio.timeout(self._timeout):
-                    await self.writer.drain()
-            except TimeoutError:
-                _log.warning("client_not_reading", timeout_s=self._timeout)
-                self.writer.transport.abort()
-            except ConnectionError:
-                self.writer.transport.abort()
+        writer = self.writer
+        if writer.is_closing():
+            return
+        writer.write(data)
+        if not writer.transport.get_write_buffer_size():
+            return  # all of it went to the socket: nothing to wait for (the common case)
+        try:
+            async with asyncio.timeout(self._timeout):
+                await writer.drain()
+        except TimeoutError:
+            _log.warning("client_not_reading", timeout_s=self._timeout)
+            writer.transport.abort()
+        except ConnectionError:
+            writer.transport.abort()
 
 
 class Server:
@@ -117,6 +122,7 @@ class Server:
         self._stopping = False
         self.requests = 0
         self.refused = 0
+        self.in_flight = 0  # requests read and not yet answered, over all connections
 
     @property
     def connections(self) -> int:
@@ -199,6 +205,7 @@ class Server:
             if not line.strip():
                 slots.release()
                 continue
+            self.in_flight += 1
             task = asyncio.create_task(
                 self._answer(line, conn, slots), name="daemon[server].request"
             )
@@ -230,6 +237,7 @@ class Server:
         try:
             await conn.send(await self._response(line))
         finally:
+            self.in_flight -= 1
             slots.release()
 
     async def _response(self, line: bytes) -> bytes:
