@@ -25,7 +25,7 @@
 # summary.txt: each step's exit status and seconds. Dry run (GPU_CHECK_DRY=1): no wheel
 # install, --device cpu --quick, the torch baseline from bench/.venv if present.
 # Overrides: BENCH_PRECISION=default|highest (skip the probe's choice), TORCH_PY (the
-# baseline's Python), GPU_CHECK_TESTS (test paths, default tests/kernels).
+# baseline's Python), GPU_CHECK_TESTS (test paths, default tests/kernels and the daemon's ranking tests).
 set -uo pipefail
 
 cd "$(dirname "$0")/.." || exit 1
@@ -178,7 +178,7 @@ rm -f "$STAMP"
 if grep -q '^Machine:' "$BENCH_LOG"; then sed -n '/^Machine:/,$p' "$BENCH_LOG"; else tail -n 25 "$BENCH_LOG"; fi
 
 # --- 4. kernel tests on the device -------------------------------------------------------
-read -ra TESTS <<<"${GPU_CHECK_TESTS:-tests/kernels}"
+read -ra TESTS <<<"${GPU_CHECK_TESTS:-tests/kernels tests/daemon/test_ranking.py}"
 # -v: each test's outcome is in the log as it happens, also if the timeout stops the run
 PYTEST=(python3 -m pytest "${TESTS[@]}" -v -o cache_dir=/tmp/gpu_check_pytest_cache)
 if ! python3 -c "import pytest_asyncio.plugin" >>"$TESTS_LOG" 2>&1; then

@@ -44,3 +44,34 @@ def test_popularity_orders_unknown_user() -> None:
     [ranked] = ranking.rank_batch([Rank(user="stranger", candidates=["cold", "warm", "hot"])])
     assert ["hot", "warm", "cold"] == ranked.items
     assert ranked.scores[-1] == 0.0
+
+
+def test_device_and_host_paths_rank_alike() -> None:
+    """The JAX kernel path (an accelerator's) and the compiled host loops give one answer."""
+    import jax  # noqa: PLC0415
+    import numpy as np  # noqa: PLC0415
+
+    from kernels.runtime import Ranker  # noqa: PLC0415
+    from kernels.sasrec import SasrecConfig, init_params  # noqa: PLC0415
+
+    config = SasrecConfig(num_items=40, max_len=8, dim=16, num_blocks=1)
+    params = {k: np.asarray(v) for k, v in init_params(jax.random.key(3), config).items()}
+    vocabulary = [f"m{i}" for i in range(40)]
+    state = State()
+    project(state, [Clicked(id=f"c{n}", ts=T - n, user=f"u{n % 4}", item=f"m{(n * 7) % 45}")
+                    for n in range(60)])  # fmt: skip
+    answers = []
+    for host in (True, False):
+        device = jax.devices("cpu")[0] if host else None
+        ranker = Ranker(params, config, feature_weights=(0.5, 1.0, 0.2), batch_buckets=(1, 4),
+                        candidate_buckets=(64,), host_scores=host, device=device)  # fmt: skip
+        ranker.warmup()
+        ranking = Ranking(lambda: state, ranker=ranker, vocabulary=vocabulary, clock=lambda: T)
+        requests = [Rank(user=f"u{u}", candidates=[f"m{(u * 5 + j) % 45}" for j in range(30)], k=k)
+                    for u, k in ((0, 5), (1, None), (2, 30), (9, 3))]  # fmt: skip
+        answers.append(ranking.rank_batch(requests))
+    for on_host, on_device in zip(*answers, strict=True):
+        assert on_host.items == on_device.items
+        assert on_host.source == on_device.source
+        np.testing.assert_allclose(on_host.scores, on_device.scores, rtol=1e-4, atol=1e-4)
+    assert {"model", "features"} == {a.source for a in answers[0]}

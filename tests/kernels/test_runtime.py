@@ -39,7 +39,7 @@ def fixture_params() -> dict[str, np.ndarray]:
 
 @pytest.fixture(name="ranker", scope="module", params=[True, False], ids=["host", "device"])
 def fixture_ranker(request: pytest.FixtureRequest, params: dict[str, np.ndarray]) -> Ranker:
-    """A warmed-up Ranker on the CPU, once per scoring path."""
+    """A warmed-up Ranker once per scoring path: host (on the CPU) and the default device."""
     ranker = Ranker(
         params,
         _CONFIG,
@@ -48,6 +48,7 @@ def fixture_ranker(request: pytest.FixtureRequest, params: dict[str, np.ndarray]
         batch_buckets=_BATCH,
         candidate_buckets=_CANDS,
         host_scores=request.param,
+        device=jax.devices("cpu")[0] if request.param else None,
     )
     ranker.warmup()
     return ranker
