@@ -137,14 +137,24 @@ class Ranking:
                 return self._score_on_device(batch, vectors, has_vector)
         return self._score_on_host(batch, vectors, has_vector)
 
-    def _now(self, state: State) -> float:
-        """min(wall clock, newest event time in the state); the latter looked up once a second."""
+    def _now(self, state: State, rows: np.ndarray) -> float:
+        """
+        min(wall clock, newest event time in the state).
+
+        The newest time is a scan of every item, done at most once a second; the
+        candidates' own times (``rows``) are checked on every call, so an event newer
+        than the last scan counts at once.
+        """
         wall = self._clock()
         checked, newest = self._newest
         if wall - checked >= 1.0:
             n = state.n_items
             newest = float(state.array("pop_ts")[:n].max()) if n else 0.0
             self._newest = (wall, newest)
+        known = rows[rows >= 0]
+        if len(known):
+            newest = max(newest, float(state.array("pop_ts")[known].max()))
+            self._newest = (self._newest[0], newest)
         return min(wall, newest) if newest > 0 else wall
 
     def needs_encode(self, requests: Sequence[Rank]) -> bool:
@@ -233,7 +243,7 @@ class Ranking:
         # arrays fetched after the catalogue's sync: they are at least as long as the rows it knows
         columns = (state.array(n) for n in ("pop", "pop_ts", "created_at", "category",
                                             "cat_idx", "cat_w", "cat_ts"))  # fmt: skip
-        features_batch(rows, offsets, user_rows, *columns, state.K, self._now(state),
+        features_batch(rows, offsets, user_rows, *columns, state.K, self._now(state, rows),
                        state.config.half_life_s, features)  # fmt: skip
         return _Batch(requests, offsets, user_rows, rows, models, features)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from daemon.protocol import Rank
 from daemon.ranking import Ranking
 from eventstore import State, project
-from eventstore.schema import Clicked, ItemUpdated
+from eventstore.schema import Clicked, ItemUpdated, Purchased
 
 T = 1_764_250_000.0
 WEEK = 604_800.0  # the default half-life
@@ -75,3 +75,16 @@ def test_device_and_host_paths_rank_alike() -> None:
         assert on_host.source == on_device.source
         np.testing.assert_allclose(on_host.scores, on_device.scores, rtol=1e-4, atol=1e-4)
     assert {"model", "features"} == {a.source for a in answers[0]}
+
+
+def test_a_new_event_counts_at_once_on_an_old_log() -> None:
+    """An event newer than the log's last scan moves "now" at once, not a second later."""
+    old = T - 100 * WEEK
+    state = State()
+    project(state, [Clicked(id=f"c{n}", ts=old, user=f"v{n}", item="a") for n in range(3)])
+    now = [T]
+    ranking = Ranking(lambda: state, ranker=None, weights=(1.0, 0.0, 0.0), clock=lambda: now[0])
+    assert ["a", "b"] == ranking.rank_batch([Rank(user="u", candidates=["a", "b"])])[0].items
+    project(state, [Purchased(id="p1", ts=T, user="w", item="b")])
+    now[0] = T + 0.01  # well within the once-a-second scan
+    assert ["b", "a"] == ranking.rank_batch([Rank(user="u", candidates=["a", "b"])])[0].items
