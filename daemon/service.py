@@ -23,7 +23,7 @@ import signal
 import threading
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -78,11 +78,10 @@ class _Batcher:
     (up to ``max_batch``) and runs them as one batch on the kernel thread; a lone
     request never waits, and under load batches grow while the previous one runs.
 
-    A lone request (the only one in flight in the daemon, `in_flight`) is ranked at
-    once, in the caller's task, as a batch of one: no queue, no future, no extra turn
-    of the loop. Otherwise requests queue and the batcher takes them all in its next
-    turn; at 32 connections that gave about 20% more answers per second than ranking
-    each at once.
+    Most rank requests never reach it: the server hands the rank requests of each turn
+    of the loop to `Service.rank_now`, which ranks them together at once when their
+    vectors are cached. The batcher serves the rest (a vector to encode, or a batch
+    already running).
 
     Where a batch runs. A batch whose users all have a current vector runs on the
     event loop itself; only a batch that must encode a vector (JAX, which runs without
@@ -107,18 +106,14 @@ class _Batcher:
             maxsize=max_batch * 64
         )
         self._busy = False  # a batch is running on the kernel thread
-        #: requests in flight in the daemon (the server sets it); 0 until then
-        self.in_flight: Callable[[], int] = lambda: 0
+
+    @property
+    def busy(self) -> bool:
+        """A batch is running on the kernel thread, or requests wait for one."""
+        return self._busy or not self._queue.empty()
 
     async def rank(self, request: Rank) -> RankedList:
-        if (
-            self.in_flight() <= 1
-            and not self._busy
-            and self._queue.empty()
-            and not self._ranking.needs_encode((request,))
-        ):
-            self._metrics.batch_size.observe(1)
-            return self._ranking.rank_batch([request])[0]
+        """Rank one request in the next batch."""
         future: asyncio.Future[RankedList] = asyncio.get_running_loop().create_future()
         await self._queue.put((request, future))
         return await future
@@ -381,16 +376,19 @@ class Service:
         the server runs each request in its own task, whose context copy ends with it.
         """
         op = request.op if isinstance(request, Rank) else type(request).__struct_config__.tag
-        counter = self._op_counters.get(op)
-        if counter is None:
-            counter = self._op_counters[op] = self.metrics.requests.labels(op=op)
-        counter.inc()
+        self._op_counter(op).inc()
         structlog.contextvars.bind_contextvars(request_id=request.id, op=op)
         try:
             return await self._route(request)
         except ProtocolError as error:
             self.metrics.errors.labels(code=error.code).inc()
             raise
+
+    def _op_counter(self, op: str) -> Any:
+        counter = self._op_counters.get(op)
+        if counter is None:
+            counter = self._op_counters[op] = self.metrics.requests.labels(op=op)
+        return counter
 
     async def _route(self, request: Request) -> dict[str, Any]:
         if isinstance(request, Rank):
@@ -413,6 +411,35 @@ class Service:
         started = time.perf_counter()
         result = await self.batcher.rank(request)
         self.metrics.observe_rank(time.perf_counter() - started)
+        return self._rank_body(request, result)
+
+    def rank_now(self, requests: Sequence[Rank]) -> list[dict[str, Any] | ProtocolError] | None:
+        """
+        Rank a turn's requests together, at once, on the event loop (see `Server`).
+
+        Declines (None) when a user's vector must be encoded or a batch is already
+        running: those go through `handle` and the batcher instead.
+        """
+        assert self.batcher is not None
+        assert self.ranking is not None
+        if self.batcher.busy or self.ranking.needs_encode(requests):
+            return None
+        started = time.perf_counter()
+        results: list[RankedList] = []
+        size = self.batcher.max_batch
+        for start in range(0, len(requests), size):
+            chunk = requests[start : start + size]
+            results.extend(self.ranking.rank_batch(chunk))
+            self.metrics.batch_size.observe(len(chunk))
+        elapsed = time.perf_counter() - started
+        out: list[dict[str, Any] | ProtocolError] = []
+        for request, result in zip(requests, results, strict=True):
+            self._op_counter(request.op).inc()
+            self.metrics.observe_rank(elapsed)
+            out.append(self._rank_body(request, result))
+        return out
+
+    def _rank_body(self, request: Rank, result: RankedList) -> dict[str, Any]:
         ranking_id = self._ranking_ids()
         if self.config.ranking.record_impressions and result.items:
             self._record_impression(request.user, result.items, ranking_id)
@@ -628,9 +655,9 @@ async def _main(config: Config) -> int:
         RequestDecoder(
             max_candidates=config.server.max_candidates, max_id_bytes=config.limits.max_id_bytes
         ),
+        rank_now=service.rank_now,
     )
     service.server = server
-    service.batcher.in_flight = lambda: server.in_flight  # type: ignore[union-attr]
     try:
         await server.start(sock)
         notify("READY=1", f"STATUS=serving on {socket_path or 'an inherited socket'}")
