@@ -109,9 +109,17 @@ def _fold_run(s: State, run: list[Interaction | ItemsShown]) -> None:
     run in the kernel. An impression of m items becomes m rows of code 8; its first
     row carries weight 1 (count the impression once for the user), the others 0.
     """
-    if not any(type(e) is ItemsShown for e in run):
+    shown = sum(type(e) is ItemsShown for e in run)
+    if not shown:
         _fold_interactions_only(s, run)  # type: ignore[arg-type]
-        return
+    elif shown == len(run):
+        _fold_impressions_only(s, run)  # type: ignore[arg-type]
+    else:
+        _fold_mixed(s, run)
+
+
+def _fold_mixed(s: State, run: list[Interaction | ItemsShown]) -> None:
+    """:func:`_fold_run` for a run of interactions and impressions, event by event."""
     user_index, item_index = s.user_index, s.item_index
     by_code = s.weight_by_code
     neutral = s.config.rating_neutral
@@ -145,6 +153,30 @@ def _fold_run(s: State, run: list[Interaction | ItemsShown]) -> None:
         weights.append(by_code[code] * (event.value - neutral) if code == _RATING  # type: ignore[union-attr, operator]
                        else by_code[code])
     _kernel(s, users, items, codes, times, weights)
+
+
+def _fold_impressions_only(s: State, run: list[ItemsShown]) -> None:
+    """
+    :func:`_fold_run` for a run of impressions only (the daemon's own groups), with
+    comprehensions instead of a loop: about half the time per impression, which the
+    writer thread spends holding the GIL. Users first, then items, as in
+    :func:`_fold_interactions_only`, so new ids get the same indices as the loop gives.
+    """
+    get = s.user_index.get
+    run_users = [get(e.user) for e in run]
+    if None in run_users:
+        run_users = [s.user_slot(e.user) if u is None else u
+                     for u, e in zip(run_users, run, strict=True)]
+    get = s.item_index.get
+    shown = [item for e in run for item in e.items]
+    items = [get(i) for i in shown]
+    if None in items:
+        items = [s.item_slot(i) if x is None else x for x, i in zip(items, shown, strict=True)]
+    sizes = [len(e.items) for e in run]
+    users = [u for u, n in zip(run_users, sizes, strict=True) for _ in range(n)]
+    times = [e.ts for e, n in zip(run, sizes, strict=True) for _ in range(n)]
+    weights = [1.0 if k == 0 else 0.0 for n in sizes for k in range(n)]
+    _kernel(s, users, items, [_IMPRESSION] * len(items), times, weights)
 
 
 def _fold_interactions_only(s: State, run: list[Interaction]) -> None:

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from eventstore import Event, FoldConfig, State, Store, project
+from eventstore import Event, FoldConfig, State, Store, fold, project
 from eventstore.schema import (
     INTERACTION_TYPES,
     AddedToCart,
@@ -226,3 +226,18 @@ def test_a_users_state_does_not_depend_on_other_users(
     b = project(State(config), head + interleave(streams, second))
 
     assert {u: a.user_view(u) for u in USERS} == {u: b.user_view(u) for u in USERS}
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(no_forget, max_size=30).map(build), st.lists(impressions(), min_size=1,
+       max_size=30).map(lambda s: build(s, prefix="i")), CONFIGS)  # fmt: skip
+def test_impression_runs_fold_as_event_by_event(
+    before: list[Event], shown: list[Event], config: FoldConfig
+) -> None:
+    """The comprehension path for runs of impressions gives the event-by-event loop's state."""
+    fast, slow = State(config), State(config)
+    project(fast, before)
+    project(slow, before)
+    fold._fold_impressions_only(fast, shown)  # noqa: SLF001 - the two paths compared
+    fold._fold_mixed(slow, shown)  # noqa: SLF001
+    assert slow.to_bytes() == fast.to_bytes()
