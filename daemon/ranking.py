@@ -164,14 +164,16 @@ class Ranking:
         state = self._state_of()
         if state is not self._state_seen:
             return True
-        index, n_events, vectors = state.user_index, state.n_events, self._vectors
-        for request in requests:
-            u = index.get(request.user)
-            if u is not None and n_events[u]:
-                cached = vectors.get(u)
-                if cached is None or cached[0] != n_events[u]:
-                    return True
-        return False
+        index, n_events = state.user_index, state.n_events
+        return any(self._stale(u, n_events) for r in requests
+                   if (u := index.get(r.user)) is not None)  # fmt: skip
+
+    def _stale(self, u: int, n_events: np.ndarray) -> bool:
+        """Whether user row ``u`` has events and no vector cached for the latest of them."""
+        if not n_events[u]:
+            return False
+        cached = self._vectors.get(u)
+        return cached is None or cached[0] != n_events[u]
 
     def refresh(self, user_rows: Sequence[int]) -> int:
         """
@@ -188,12 +190,8 @@ class Ranking:
                 return 0  # the next batch swaps the model or resets the cache first
             self._catalog.sync(state.item_ids)  # the rows of the items just folded
         n_events = state.n_events
-        stale = {}
-        for u in user_rows:
-            if 0 <= u < len(n_events) and n_events[u]:
-                cached = self._vectors.get(u)
-                if cached is None or cached[0] != n_events[u]:
-                    stale[u] = int(n_events[u])
+        stale = {u: int(n_events[u]) for u in user_rows
+                 if 0 <= u < len(n_events) and self._stale(u, n_events)}  # fmt: skip
         if stale:
             self._encode(state, stale, ranker)
             self.refreshed += len(stale)

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 import jax
 import numpy as np
 import pytest
-from jax.experimental.compilation_cache import compilation_cache
+from jaxcache import fast_compiles
 
 from daemon import autotrain
 from daemon.autotrain import sequences_from_log, train_from_log
@@ -41,20 +41,8 @@ ENCODE = jax.jit(encode_users, static_argnames=("config",))
 @pytest.fixture(name="fast_compiles", autouse=True, scope="module")
 def fixture_fast_compiles(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
     """JAX's persistent compilation cache in a temp dir and few XLA optimisations."""
-    settings = {
-        "jax_compilation_cache_dir": str(tmp_path_factory.mktemp("xla_cache")),
-        "jax_persistent_cache_min_compile_time_secs": 0.0,
-        "jax_persistent_cache_min_entry_size_bytes": 0,
-        "jax_disable_most_optimizations": True,
-    }
-    saved = {name: jax.config.values[name] for name in settings}
-    for name, value in settings.items():
-        jax.config.update(name, value)
-    compilation_cache.reset_cache()
-    yield
-    for name, value in saved.items():
-        jax.config.update(name, value)
-    compilation_cache.reset_cache()
+    with fast_compiles(tmp_path_factory.mktemp("xla_cache")):
+        yield
 
 
 def cycle_walks(users: int, *, seed: int = 0) -> list[list[int]]:

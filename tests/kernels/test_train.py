@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from jax.experimental.compilation_cache import compilation_cache
+from jaxcache import fast_compiles
 
 from kernels import train
 from kernels.sasrec import SasrecConfig, encode_users, init_params, param_shapes, sequence_outputs
@@ -65,20 +65,8 @@ def fixture_fast_compiles(tmp_path_factory: pytest.TempPathFactory) -> Iterator[
     optimisations off (compiling takes half as long, and these tiny models run as fast).
     Both settings are restored afterwards.
     """
-    settings = {
-        "jax_compilation_cache_dir": str(tmp_path_factory.mktemp("xla_cache")),
-        "jax_persistent_cache_min_compile_time_secs": 0.0,
-        "jax_persistent_cache_min_entry_size_bytes": 0,
-        "jax_disable_most_optimizations": True,
-    }
-    saved = {name: jax.config.values[name] for name in settings}
-    for name, value in settings.items():
-        jax.config.update(name, value)
-    compilation_cache.reset_cache()
-    yield
-    for name, value in saved.items():
-        jax.config.update(name, value)
-    compilation_cache.reset_cache()
+    with fast_compiles(tmp_path_factory.mktemp("xla_cache")):
+        yield
 
 
 # ----------------------------------------------------------------------------- data
