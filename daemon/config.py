@@ -22,7 +22,9 @@ from eventstore import FoldConfig, Limits
 
 __all__ = [
     "Config",
+    "KafkaSection",
     "MetricsSection",
+    "MqttSection",
     "RankingSection",
     "ServerSection",
     "StoreSection",
@@ -182,6 +184,125 @@ class MetricsSection:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class MqttSection:
+    """
+    ``[mqtt]``: the MQTT feed (off while ``url`` is empty).
+
+    Args:
+        url: ``mqtt://host:port`` (plain) or ``mqtts://host:port`` (TLS).
+        topics: topic filters subscribed at QoS 1.
+        client_id: stable client id: the broker keeps this daemon's session (and the
+            messages queued while it is away) under it. Two daemons need two ids.
+        session_expiry_s: how long the broker keeps the session after a disconnect;
+            longer than the longest outage, or messages published meanwhile are lost.
+        receive_maximum: most unacknowledged messages the broker sends at once; a
+            message is acknowledged only once it is durable, so this bounds what is
+            in flight (and the broker holds the rest while the writer is behind).
+        keepalive_s: MQTT keep-alive interval.
+        username: empty: anonymous.
+        password_file: file holding the password; a relative name is looked up in
+            ``$CREDENTIALS_DIRECTORY`` first (systemd's LoadCredential).
+        ca_file: CA bundle for ``mqtts://`` (empty: the system's).
+        reconnect_min_s: first reconnect delay; doubled on each failure (with jitter) ...
+        reconnect_max_s: ... up to this.
+        dead_letter_topic: also publish rejected payloads here (empty: only the
+            dead-letter table).
+    """
+
+    url: str = ""
+    topics: tuple[str, ...] = ("rerankd/events/#",)
+    client_id: str = "rerankd"
+    session_expiry_s: int = 7 * 86_400
+    receive_maximum: int = 1000
+    keepalive_s: int = 30
+    username: str = ""
+    password_file: str = ""
+    ca_file: str = ""
+    reconnect_min_s: float = 0.5
+    reconnect_max_s: float = 30.0
+    dead_letter_topic: str = ""
+
+    def __post_init__(self) -> None:
+        if self.url and not self.url.startswith(("mqtt://", "mqtts://")):
+            msg = "url must start with mqtt:// or mqtts://"
+            raise ValueError(msg)
+        if self.url and not self.topics:
+            msg = "topics must name at least one topic filter"
+            raise ValueError(msg)
+        if not self.client_id:
+            msg = "client_id must not be empty (the session is kept under it)"
+            raise ValueError(msg)
+        if not 1 <= self.receive_maximum <= 65535:
+            msg = "receive_maximum must be between 1 and 65535"
+            raise ValueError(msg)
+        if self.session_expiry_s < 0 or self.keepalive_s < 1:
+            msg = "session_expiry_s must be >= 0 and keepalive_s >= 1"
+            raise ValueError(msg)
+        if not 0 < self.reconnect_min_s <= self.reconnect_max_s:
+            msg = "reconnect delays must satisfy 0 < reconnect_min_s <= reconnect_max_s"
+            raise ValueError(msg)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class KafkaSection:
+    """
+    ``[kafka]``: the Kafka feed (off while ``bootstrap`` is empty).
+
+    Args:
+        bootstrap: ``host:port[,host:port...]`` of the brokers.
+        topics: topics consumed.
+        group_id: the consumer group; daemons in one group share the partitions.
+        instance_id: static group membership (KIP-345): a daemon restarted within
+            ``session_timeout_s`` gets its partitions back without a rebalance, so no
+            other member consumes them meanwhile. Empty: ``<group_id>-<hostname>``.
+            Two daemons in one group need two ids.
+        session_timeout_s: how long the group waits for a silent member.
+        max_batch: most messages made durable in one transaction.
+        security_protocol: PLAINTEXT, SSL, SASL_PLAINTEXT or SASL_SSL.
+        sasl_mechanism: PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512 (with SASL_*).
+        sasl_username: the SASL user.
+        sasl_password_file: file holding the SASL password; a relative name is looked
+            up in ``$CREDENTIALS_DIRECTORY`` first (systemd's LoadCredential).
+        ca_file: CA bundle for SSL (empty: the system's).
+        commit_offsets: also commit the stored offsets to Kafka (for lag tooling; the
+            offsets that count are in the event log).
+        dead_letter_topic: also produce rejected payloads here (empty: only the
+            dead-letter table).
+    """
+
+    bootstrap: str = ""
+    topics: tuple[str, ...] = ("rerankd-events",)
+    group_id: str = "rerankd"
+    instance_id: str = ""
+    session_timeout_s: float = 30.0
+    max_batch: int = 1000
+    security_protocol: str = "PLAINTEXT"
+    sasl_mechanism: str = ""
+    sasl_username: str = ""
+    sasl_password_file: str = ""
+    ca_file: str = ""
+    commit_offsets: bool = True
+    dead_letter_topic: str = ""
+
+    def __post_init__(self) -> None:
+        if self.bootstrap and not self.topics:
+            msg = "topics must name at least one topic"
+            raise ValueError(msg)
+        if not self.group_id:
+            msg = "group_id must not be empty"
+            raise ValueError(msg)
+        if self.security_protocol not in {"PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"}:
+            msg = "security_protocol must be PLAINTEXT, SSL, SASL_PLAINTEXT or SASL_SSL"
+            raise ValueError(msg)
+        if self.sasl_mechanism not in {"", "PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"}:
+            msg = "sasl_mechanism must be PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512"
+            raise ValueError(msg)
+        if self.max_batch < 1 or self.session_timeout_s <= 0:
+            msg = "max_batch must be >= 1 and session_timeout_s > 0"
+            raise ValueError(msg)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Config:
     """The whole configuration; ``source`` names the file it came from."""
 
@@ -191,6 +312,8 @@ class Config:
     server: ServerSection = field(default_factory=ServerSection)
     ranking: RankingSection = field(default_factory=RankingSection)
     metrics: MetricsSection = field(default_factory=MetricsSection)
+    mqtt: MqttSection = field(default_factory=MqttSection)
+    kafka: KafkaSection = field(default_factory=KafkaSection)
     source: str = DEFAULTS_SOURCE
 
 
@@ -201,6 +324,8 @@ _SECTIONS: Final = {
     "server": ServerSection,
     "ranking": RankingSection,
     "metrics": MetricsSection,
+    "mqtt": MqttSection,
+    "kafka": KafkaSection,
 }
 
 

@@ -47,6 +47,18 @@ class Metrics:
         self.impressions_dropped = Counter(
             "rerankd_impressions_dropped", "Impressions not logged under overload", registry=r
         )
+        self.feed_events = Counter(
+            "rerankd_feed_events", "Events from feeds, by feed (mqtt, kafka) and outcome",
+            ["feed", "outcome"], registry=r,
+        )  # fmt: skip
+        self.feed_connects = Counter(
+            "rerankd_feed_connects", "Successful (re)connections of a feed to its broker",
+            ["feed"], registry=r,
+        )  # fmt: skip
+        self.feed_connected = Gauge(
+            "rerankd_feed_connected", "1 while a feed is connected to its broker", ["feed"],
+            registry=r,
+        )  # fmt: skip
         self._recent = np.zeros(_WINDOW, np.float64)
         self._recent_n = 0
         self._lock = threading.Lock()

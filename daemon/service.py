@@ -35,6 +35,7 @@ from daemon._errors import DaemonError
 from daemon.autotrain import train_from_log
 from daemon.candidates import Candidates
 from daemon.config import DEFAULTS_SOURCE, Config, load_config
+from daemon.feeds import FeedSink
 from daemon.metrics import Metrics
 from daemon.protocol import (
     Forget,
@@ -165,6 +166,7 @@ class Service:
         self._impressions_waiting = asyncio.Event()
         self.metrics = Metrics()
         self.server: Server | None = None
+        self.feeds: list[Any] = []  # daemon.feeds' MqttFeed / KafkaFeed, when configured
         self._last_snapshot = (time.monotonic(), -1)  # (when, state offset it covered)
         # ranking ids: a random per-process prefix and a counter (unique without uuid4's
         # 2.5 µs of os.urandom per answer)
@@ -191,7 +193,11 @@ class Service:
             decoder=self.decoder,
         )
         self._last_snapshot = (time.monotonic(), self.store.state.offset)
-        self.committer = GroupCommitter(self._append, name="daemon[writer]")
+        self.committer = GroupCommitter(
+            self._append, name="daemon[writer]", dead_letter_sink=self.store.log.dead_letters
+        )
+        self.feeds = _make_feeds(self.config, FeedSink(
+            self.committer, self.decoder, self.store.log.path, self.metrics))  # fmt: skip
         self.model = _load_model(self.config)
         store = self.store
         self.ranking = Ranking(
@@ -559,6 +565,7 @@ class Service:
             "model": self.model.source,
             "warmup_s": round(self.model.warmup_s, 3),
             "compile_count": self._compile_count(),
+            "feeds": {feed.name: feed.stats() for feed in self.feeds},
         }
 
     def _event_counts(self) -> dict[str, int]:
@@ -609,6 +616,20 @@ def _load_model(config: Config) -> _Model:
               executables=report.executables, warmup_s=round(report.seconds, 2),
               device=report.device)  # fmt: skip
     return _Model(ranker, loaded.manifest.vocabulary, str(path), report.seconds)
+
+
+def _make_feeds(config: Config, sink: FeedSink) -> list[Any]:
+    """The configured feeds (imported only when configured: they pull in their clients)."""
+    feeds: list[Any] = []
+    if config.mqtt.url:
+        from daemon.feeds.mqtt import MqttFeed  # noqa: PLC0415
+
+        feeds.append(MqttFeed(config.mqtt, sink))
+    if config.kafka.bootstrap:
+        from daemon.feeds.kafka import KafkaFeed  # noqa: PLC0415
+
+        feeds.append(KafkaFeed(config.kafka, sink))
+    return feeds
 
 
 def _feature_weights(config: Config) -> tuple[float, float, float]:
@@ -682,6 +703,8 @@ async def _serve(service: Service, server: Server, shutdown: asyncio.Event) -> N
             tg.create_task(service.batcher.run(), name="daemon[ranking].batcher")
             tg.create_task(_watchdog(), name="daemon[systemd].watchdog")
             tg.create_task(service.flush_impressions(), name="daemon[ranking].impressions")
+            for feed in service.feeds:
+                tg.create_task(feed.run(), name=f"daemon[feeds].{feed.name}")
             if service.config.ranking.refresh_vectors:
                 tg.create_task(service.refresh_vectors(), name="daemon[ranking].refresher")
             tg.create_task(

@@ -14,6 +14,10 @@ and under load the groups grow by themselves while the previous one is on disk.
 The request queue is bounded: when it is full, :meth:`submit` raises
 :class:`BackpressureError` (or blocks, if asked to) instead of buffering without
 bound.
+
+Feeds pass the inputs they rejected along with the events (``dead_letters``); the
+writer commits a group's dead letters first, then its events and positions, so a
+crash in between can repeat a dead letter on redelivery but never lose one.
 """
 
 from __future__ import annotations
@@ -33,6 +37,8 @@ from eventstore.schema import Event
 __all__ = ["BackpressureError", "GroupCommitter"]
 
 Sink = Callable[..., AppendResult]
+#: ``dead_letter_sink(rejected, source=...)``: keeps ``(raw, reason)`` pairs of one source.
+DeadLetterSink = Callable[..., None]
 _STOP: Final = object()
 
 
@@ -49,6 +55,8 @@ class BackpressureError(StoreError):
 class _Request:
     events: Sequence[Event]
     positions: Positions
+    dead_letters: Sequence[tuple[bytes, str]] = ()
+    source: str = ""
     future: Future[AppendResult] = field(default_factory=Future)
 
 
@@ -61,11 +69,15 @@ class GroupCommitter:
         max_events: most events per transaction.
         max_delay_s: how long the writer may wait for more requests once it has one.
         max_pending: most requests waiting; beyond it ``submit`` pushes back.
+        dead_letter_sink: where submitted ``dead_letters`` go (e.g.
+            ``EventLog.dead_letters``), called on the writer thread only.
     """
 
     def __init__(self, sink: Sink, *, max_events: int = 5_000, max_delay_s: float = 0.0,
-                 max_pending: int = 1_000, name: str = "eventstore.writer") -> None:
+                 max_pending: int = 1_000, name: str = "eventstore.writer",
+                 dead_letter_sink: DeadLetterSink | None = None) -> None:
         self._sink = sink
+        self._dead_letter_sink = dead_letter_sink
         self.max_events = max_events
         self.max_delay_s = max_delay_s
         self._queue: queue.Queue[_Request | object] = queue.Queue(maxsize=max_pending)
@@ -79,15 +91,23 @@ class GroupCommitter:
         return self._queue.qsize()
 
     def submit(self, events: Sequence[Event], *, positions: Positions | None = None,
-               block: bool = False, timeout: float | None = None) -> Future[AppendResult]:
+               block: bool = False, timeout: float | None = None,
+               dead_letters: Sequence[tuple[bytes, str]] = (), source: str = "",
+               ) -> Future[AppendResult]:
         """
         Queue ``events`` (and the positions they cover) for the next group.
+
+        ``dead_letters`` are the ``(raw, reason)`` inputs ``source`` rejected on the way.
 
         Raises:
             BackpressureError: the queue is full (and ``block`` is false, or
                 ``timeout`` passed).
+            ValueError: dead letters without a ``dead_letter_sink`` or a ``source``.
         """
-        request = _Request(events, positions or {})
+        if dead_letters and (self._dead_letter_sink is None or not source):
+            msg = "dead_letters: needs a dead_letter_sink on the committer and a source"
+            raise ValueError(msg)
+        request = _Request(events, positions or {}, dead_letters, source)
         try:
             self._queue.put(request, block=block, timeout=timeout)
         except queue.Full:
@@ -128,10 +148,15 @@ class GroupCommitter:
     def _commit(self, group: list[_Request]) -> None:
         events: list[Event] = []
         positions: dict[tuple[str, str], Position] = {}
+        rejected: dict[str, list[tuple[bytes, str]]] = {}
         for request in group:
             events.extend(request.events)
             positions.update(request.positions)  # later requests hold later positions
+            if request.dead_letters:
+                rejected.setdefault(request.source, []).extend(request.dead_letters)
         try:
+            for source, dead in rejected.items():
+                self._dead_letter_sink(dead, source=source)  # type: ignore[misc]
             result = self._sink(events, positions=positions)
         except BaseException as e:  # noqa: BLE001 - every waiter must hear of the failure
             for request in group:

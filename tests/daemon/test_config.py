@@ -28,7 +28,7 @@ def test_example_config_equals_the_defaults() -> None:
 
 @pytest.mark.parametrize(("text", "message"), [
     ("[store]\nbogus = 1\n", "[store].bogus: unknown key; known: data_dir"),
-    ("[nope]\n", "[nope]: unknown section; known: fold, limits, metrics, ranking, server, store"),
+    ("[nope]\n", "[nope]: unknown section; known: fold, kafka, limits, metrics, mqtt, ranking, server, store"),
     ('[fold]\nseq_len = "x"\n', "[fold].seq_len: expected int"),
     ("[fold]\nseq_len = 0\n", "seq_len: expected 1..4096, got 0"),
     ("[fold.weights]\nclik = 1.0\n", "weights: unknown event types ['clik']"),

@@ -1,0 +1,169 @@
+"""
+What a feed needs from the daemon: decoding, durable appends, stored positions.
+
+:class:`FeedSink` wraps the daemon's :class:`~eventstore.GroupCommitter`. A feed calls
+:meth:`FeedSink.decode` on each payload and :meth:`FeedSink.append` with the good
+events, the bad payloads with their reasons, and the positions the batch covers; the
+call returns once everything is committed, and only then may the feed acknowledge.
+While the writer is behind (or the disk refuses writes) ``append`` waits and retries
+instead of buffering: that wait is where a feed pauses, and since the feed reads no
+more until it returns, nothing piles up in memory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import sqlite3
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from eventstore import BackpressureError, EventDecoder, StoreError
+from eventstore.log import AppendResult, Position, Positions
+from eventstore.schema import Event, EventRejectedError
+
+__all__ = ["Backoff", "FeedSink", "read_secret"]
+
+_log = structlog.get_logger("daemon.feeds")
+
+
+class Backoff:
+    """
+    Exponential backoff with full jitter.
+
+    ``next()`` gives a delay in ``[min_s / 2, min(max_s, min_s * 2^k))`` for the k-th
+    failure; ``reset()`` after a success.
+    """
+
+    def __init__(self, min_s: float, max_s: float, *, rng: random.Random | None = None) -> None:
+        self.min_s = min_s
+        self.max_s = max_s
+        self.failures = 0
+        self._rng = rng or random.Random()  # noqa: S311 - jitter, not secrets
+
+    def next(self) -> float:
+        """The delay before the next attempt (and count the failure)."""
+        cap = min(self.max_s, self.min_s * 2.0**self.failures)
+        self.failures += 1
+        return max(self.min_s / 2, self._rng.uniform(0, cap))
+
+    def reset(self) -> None:
+        """The last attempt succeeded."""
+        self.failures = 0
+
+
+def read_secret(name: str, *, what: str) -> str:
+    """
+    The secret in file ``name``, without a trailing newline.
+
+    A relative name is looked up in ``$CREDENTIALS_DIRECTORY`` (systemd's
+    LoadCredential) first, then relative to the working directory.
+
+    Raises:
+        ValueError: the file cannot be read; the message names ``what`` (the config
+            key), never the secret.
+    """
+    path = Path(name)
+    creds = os.environ.get("CREDENTIALS_DIRECTORY")
+    if not path.is_absolute() and creds and (Path(creds) / path).is_file():
+        path = Path(creds) / path
+    try:
+        return path.read_text(encoding="utf-8").rstrip("\r\n")
+    except OSError as e:
+        msg = f"{what}: cannot read {path} ({e.strerror})"
+        raise ValueError(msg) from None
+
+
+class FeedSink:
+    """
+    The daemon's side of a feed.
+
+    Args:
+        committer: the daemon's writer (it must have a ``dead_letter_sink``).
+        decoder: the daemon's event decoder (its limits apply to feeds too).
+        log_path: the event log's file, read (read-only) for stored positions.
+        metrics: the daemon's :class:`~daemon.metrics.Metrics`, or None.
+        retry_s: how long to wait before retrying when the disk refused a write.
+    """
+
+    def __init__(self, committer: Any, decoder: EventDecoder, log_path: Path,
+                 metrics: Any = None, *, retry_s: float = 1.0) -> None:  # fmt: skip
+        self._committer = committer
+        self._decoder = decoder
+        self._log_path = log_path
+        self.metrics = metrics  # the daemon's Metrics (None in some tests)
+        self._retry_s = retry_s
+        self.paused_s = 0.0  # total time appends waited for the writer
+
+    def decode(self, payload: bytes) -> tuple[list[Event], list[tuple[bytes, str]]]:
+        """The valid events of a payload (event or list); the bad parts as (raw, reason)."""
+        try:
+            result = self._decoder.decode(payload)
+        except EventRejectedError as e:  # defensive: decode reports, not raises
+            return [], [(payload, str(e))]
+        return result.events, [(r.raw, str(r.error)) for r in result.rejected]
+
+    async def append(self, events: Sequence[Event], *, source: str,
+                     positions: Positions | None = None,
+                     dead_letters: Sequence[tuple[bytes, str]] = ()) -> AppendResult:  # fmt: skip
+        """
+        Make ``events``, ``dead_letters`` and ``positions`` durable.
+
+        Returns the events' :class:`AppendResult` (accepted, duplicate or erased each).
+
+        Waits while the writer is behind or the disk refuses writes, retrying until
+        it succeeds or the task is cancelled; counts per-outcome metrics under ``source``.
+        """
+        loop = asyncio.get_running_loop()
+        waited_from: float | None = None
+        while True:
+            try:
+                future = self._committer.submit(
+                    events, positions=positions, dead_letters=dead_letters, source=source
+                )
+                result: AppendResult = await asyncio.wrap_future(future)
+            except BackpressureError as e:
+                waited_from = waited_from or loop.time()
+                await asyncio.sleep(e.retry_after_s)
+                continue
+            except StoreError as e:  # disk full, read-only, I/O error: nothing committed
+                waited_from = waited_from or loop.time()
+                _log.warning("feed_append_failed", source=source, error=type(e).__name__,
+                             retry_s=self._retry_s)  # fmt: skip
+                await asyncio.sleep(self._retry_s)
+                continue
+            if waited_from is not None:
+                self.paused_s += loop.time() - waited_from
+            self._count(source, result, len(dead_letters))
+            return result
+
+    def _count(self, source: str, result: AppendResult, rejected: int) -> None:
+        m = self.metrics
+        if m is None:
+            return
+        status = result.status
+        for outcome, n in (
+            ("accepted", status.count("accepted")),
+            ("duplicate", status.count("duplicate")),
+            ("erased", status.count("erased")),
+            ("rejected", rejected),
+        ):
+            if n:
+                m.feed_events.labels(feed=source.split(":", 1)[0], outcome=outcome).inc(n)
+
+    def stored_positions(self, feed: str) -> dict[str, Position]:
+        """The positions stored for ``feed``, by partition (read-only, any thread)."""
+        if not self._log_path.exists():
+            return {}
+        conn = sqlite3.connect(f"file:{self._log_path}?mode=ro", uri=True, timeout=10)
+        try:
+            rows = conn.execute(
+                "SELECT partition, position FROM feed_positions WHERE feed = ?", (feed,)
+            ).fetchall()
+        finally:
+            conn.close()
+        return {str(part): pos for part, pos in rows}
