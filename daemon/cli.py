@@ -3,8 +3,9 @@ The ``rerankd`` command line.
 
 ``rank``, ``ingest``, ``user``, ``stats`` and ``forget`` ask the running daemon over its
 socket (``user`` and ``forget`` open the store directly with ``--offline``, for a
-stopped daemon); ``import``, ``summary``, ``item``, ``log`` and ``snapshot`` open the
-store directly. Errors become one line ``rerankd: …`` on stderr and exit status 1
+stopped daemon); ``publish`` sends events to an MQTT or Kafka broker, for the daemon's
+feeds; ``import``, ``summary``, ``item``, ``log`` and ``snapshot`` open the store
+directly. Errors become one line ``rerankd: …`` on stderr and exit status 1
 (`CliError`); logs go to stderr, so stdout is only the command's output.
 """
 
@@ -352,6 +353,52 @@ def ingest_cmd(
         sys.exit(1)
 
 
+@main.command()
+@click.argument(
+    "source", default="-", type=click.Path(exists=True, dir_okay=False, allow_dash=True)
+)
+@click.option("--mqtt", "mqtt_url", metavar="URL", help="Publish to this MQTT broker "
+              "(mqtt://host:port), at QoS 1.")  # fmt: skip
+@click.option("--kafka", "kafka_bootstrap", metavar="HOST:PORT",
+              help="Publish to this Kafka cluster, keyed by user id.")  # fmt: skip
+@click.option("--topic", required=True, help="The MQTT topic or Kafka topic.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+@_friendly
+def publish(
+    *, source: str, mqtt_url: str | None, kafka_bootstrap: str | None, topic: str, quiet: bool
+) -> None:
+    """
+    Publish events from SOURCE or stdin to an MQTT or a Kafka topic.
+
+    SOURCE holds JSON lines; each non-empty line becomes one message, sent as it is
+    (the daemon's feed validates it and dead-letters what is bad). Every message is
+    acknowledged by the broker (MQTT QoS 1 PUBACK; Kafka acks=all) before this exits 0.
+    """
+    if (mqtt_url is None) == (kafka_bootstrap is None):
+        msg = "give exactly one of --mqtt URL or --kafka HOST:PORT"
+        raise click.UsageError(msg)
+    import asyncio  # noqa: PLC0415 - only publish runs an event loop here
+
+    if mqtt_url is not None:
+        from daemon.feeds.mqtt import publish as send  # noqa: PLC0415
+    else:
+        from daemon.feeds.kafka import publish as send  # noqa: PLC0415
+    target = mqtt_url or kafka_bootstrap or ""
+    with _input(source) as stream, _progress(source, quiet=quiet, desc="publish") as bar:
+        payloads = (line.strip() for line in stream)
+        try:
+            sent = asyncio.run(send(target, topic, (p for p in payloads if p),
+                                    on_sent=bar.update))  # fmt: skip
+        except (DaemonError, StoreError, ValueError, OSError):
+            raise
+        except Exception as e:  # aiomqtt's MqttError, aiokafka's KafkaError, ...
+            what = "MQTT broker" if mqtt_url else "Kafka cluster"
+            msg = f"publish to the {what} at {target} failed: {type(e).__name__}: {e}"
+            raise CliError(msg) from e
+    broker = "MQTT" if mqtt_url else "Kafka"
+    click.echo(f"published {sent} events to {broker} topic {topic}")
+
+
 @contextmanager
 def _input(source: str) -> Iterator[IO[bytes]]:
     if source != "-":
@@ -364,7 +411,7 @@ def _input(source: str) -> Iterator[IO[bytes]]:
 
 
 @contextmanager
-def _progress(source: str, *, quiet: bool) -> Iterator[Any]:
+def _progress(source: str, *, quiet: bool, desc: str = "ingest") -> Iterator[Any]:
     """A tqdm bar on stderr, only when stderr is a terminal and not ``quiet``."""
     from tqdm import tqdm  # noqa: PLC0415 - only ingest draws one
 
@@ -374,7 +421,7 @@ def _progress(source: str, *, quiet: bool) -> Iterator[Any]:
         total=total,
         unit=" events",
         unit_scale=True,
-        desc="ingest",
+        desc=desc,
         file=sys.stderr,
         disable=disable,
     ) as bar:
