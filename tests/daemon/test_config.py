@@ -34,6 +34,11 @@ def test_example_config_equals_the_defaults() -> None:
     ("[fold.weights]\nclik = 1.0\n", "weights: unknown event types ['clik']"),
     ('[store]\nsynchronous = "SOMETIMES"\n', "expected OFF, NORMAL, FULL or EXTRA"),
     ("[store\n", "file: not valid TOML"),
+    ('[mqtt]\nurl = "http://broker"\n', "[mqtt]: url must start with mqtt:// or mqtts://"),
+    ("[mqtt]\nreceive_maximum = 0\n", "[mqtt]: receive_maximum must be between 1 and 65535"),
+    ('[mqtt]\ntopics = "a/#"\n', "[mqtt].topics: expected"),
+    ('[kafka]\nsecurity_protocol = "TLS"\n', "[kafka]: security_protocol must be PLAINTEXT"),
+    ('[kafka]\ngroup_id = ""\n', "[kafka]: group_id must not be empty"),
 ])
 def test_bad_config_names_file_and_key(tmp_path: Path, text: str, message: str) -> None:
     """Every mistake raises ConfigError naming the file and what is wrong."""
