@@ -66,13 +66,14 @@ def make_model(path: Path) -> None:
     save_model(path, params, config, vocabulary=[f"sku-{i}" for i in range(N_ITEMS)])
 
 
-def start_daemon(tmp: Path, ranking: str = "") -> tuple[subprocess.Popen[bytes], Path]:
+def start_daemon(tmp: Path, extra: str = "") -> tuple[subprocess.Popen[bytes], Path]:
+    """`rerankd run` on a config in ``tmp`` (``extra``: more TOML), once it says READY=1."""
     sock = tmp / "rerankd.sock"
     (tmp / "rerankd.toml").write_text(
         f'[store]\ndata_dir = "{tmp / "data"}"\n'
         f'[server]\nsocket_path = "{sock}"\nmax_connections = 512\n'
         f'[ranking]\nmodel_path = "{tmp / "model.safetensors"}"\n'
-        "batch_buckets = [1, 2, 4, 8, 16, 32, 64]\ncandidate_buckets = [512]\n" + ranking
+        "batch_buckets = [1, 2, 4, 8, 16, 32, 64]\ncandidate_buckets = [512]\n" + extra
     )
     notify = tmp / "notify.sock"
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)

@@ -26,8 +26,11 @@ every message in flight at once. Run Mosquitto 2.0.13 or later.
 aiomqtt 2.x acknowledges QoS 1 messages before our code sees them and has no
 manual-ack API (it comes in 3.0); :class:`_Paho` is the one place that reaches into
 its paho-mqtt client to switch manual acknowledgement on and to read CONNACK's
-"session present" flag. :func:`publish` is the other direction: QoS 1 publishes, each
-acknowledged by the broker (``rerankd publish --mqtt`` and the tests).
+"session present" flag. :class:`_Inbox` is aiomqtt's message queue, made from our
+class through its ``queue_type`` option, so that a batch is taken from it at once
+(aiomqtt's iterator costs a task per message). :func:`publish` is the other
+direction: QoS 1 publishes, each acknowledged by the broker (``rerankd publish --mqtt``
+and the tests).
 """
 
 from __future__ import annotations
@@ -250,6 +253,7 @@ class MqttFeed:
             keepalive=s.keepalive_s, username=s.username or None, password=self._password,
             tls_context=self._tls,
             max_queued_incoming_messages=0,  # unbounded: a full queue would drop messages
+            queue_type=_Inbox,
         )  # fmt: skip
         return client, _Paho(client)
 
@@ -283,13 +287,16 @@ class MqttFeed:
     async def _consume(self, client: aiomqtt.Client, paho: _Paho) -> None:
         """Batches until the connection drops: append, then acknowledge in order."""
         messages = self._queued = client.messages
+        inbox = _Inbox.of(client)
         most = self._section.receive_maximum
         flooded = False
         while True:
             _raise_if_cancelling()
+            # the first one through aiomqtt (it raises when the connection drops), the
+            # rest of the batch straight from the queue: aiomqtt's iterator costs a
+            # task and an asyncio.wait per message, which under load is most of the feed
             batch = [await anext(messages)]
-            while len(batch) < most and len(messages):
-                batch.append(await anext(messages))
+            inbox.take(batch, most)
             self.messages += len(batch)
             self._in_hand = len(batch)
             dead = await self._append(batch)
@@ -349,6 +356,31 @@ class MqttFeed:
 
     def _where(self) -> str:
         return f"{self._broker.host}:{self._broker.port}"
+
+
+class _Inbox(asyncio.Queue[aiomqtt.Message]):
+    """
+    aiomqtt's incoming-message queue, which the feed also drains directly.
+
+    aiomqtt makes it from this class (its ``queue_type`` option); :meth:`take` moves
+    what is already there without awaiting, so a batch costs one trip through the
+    event loop, not one per message.
+    """
+
+    @classmethod
+    def of(cls, client: aiomqtt.Client) -> _Inbox:
+        """The queue that ``client`` (made with ``queue_type=_Inbox``) fills."""
+        queue = client._queue  # noqa: SLF001 - aiomqtt made it from our class
+        assert isinstance(queue, cls)
+        return queue
+
+    def take(self, batch: list[aiomqtt.Message], most: int) -> None:
+        """Append queued messages to ``batch`` until it holds ``most`` or none are left."""
+        while len(batch) < most:
+            try:
+                batch.append(self.get_nowait())
+            except asyncio.QueueEmpty:
+                return
 
 
 def _raise_if_cancelling(cause: BaseException | None = None) -> None:
