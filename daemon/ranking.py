@@ -182,6 +182,11 @@ class Ranking:
         Called by the daemon's vector refresher (on the kernel thread) right after a
         fold, so that a rank finds the vector ready instead of encoding it on the
         request path. Returns how many vectors it encoded.
+
+        Only users with a vector in the cache (users ranked since the start or the last
+        model swap) are refreshed: the event stream covers many users nobody is ranking
+        for right now, and encoding each of them after every event would spend the CPU
+        that the feeds and requests need (a user's first rank encodes their vector).
         """
         with self._catalog_lock:
             ranker = self.ranker
@@ -190,8 +195,9 @@ class Ranking:
                 return 0  # the next batch swaps the model or resets the cache first
             self._catalog.sync(state.item_ids)  # the rows of the items just folded
         n_events = state.n_events
+        vectors = self._vectors
         stale = {u: int(n_events[u]) for u in user_rows
-                 if 0 <= u < len(n_events) and self._stale(u, n_events)}  # fmt: skip
+                 if u in vectors and self._stale(u, n_events)}  # fmt: skip
         if stale:
             self._encode(state, stale, ranker)
             self.refreshed += len(stale)

@@ -305,18 +305,29 @@ def _poll(read: Any, done: Any, timeout_s: float = 120.0) -> Any:
 
 
 def test_vectors_are_refreshed_off_the_request_path(start: Any, model_file: Path) -> None:
-    """A user's new events re-encode the vector in the background: the next rank is a hit."""
+    """
+    A ranked user's new events re-encode the cached vector in the background, so the
+    next rank is a hit; a user nobody has ranked yet is left to their first rank.
+    """
     daemon = start(_model_config(model_file))
     with daemon.client() as client:
+        client.request("ingest", events=[_event(1, "view", user="fresh", item="m2")])
+        client.request("ingest", events=[_event(2, "view", user="idle", item="m2")])
+        client.request("rank", user="fresh", candidates=["m1", "m6", "m9"])  # a miss: encodes
         history = [_event(n, "view", user="fresh", item=f"m{n}") for n in (3, 4, 5)]
+        history += [_event(10 + n, "view", user="idle", item=f"m{n}") for n in (3, 4, 5)]
         client.request("ingest", events=history)
         cache = _poll(lambda: client.request("stats")["vector_cache"],
                       lambda c: c["refreshed"] >= 1, timeout_s=30)  # fmt: skip
-        assert cache["refreshed"] >= 1
+        assert cache["refreshed"] == 1  # "fresh" only: "idle" has no cached vector
         ranked = client.request("rank", user="fresh", candidates=["m1", "m6", "m9"])
         after = client.request("stats")["vector_cache"]
+        idle = client.request("rank", user="idle", candidates=["m1", "m6", "m9"])
+        last = client.request("stats")["vector_cache"]
     assert "m6" == ranked["items"][0]
     assert (cache["hits"] + 1, cache["misses"]) == (after["hits"], after["misses"])
+    assert "m6" == idle["items"][0]  # encoded on its first rank, with all its events
+    assert (after["hits"], after["misses"] + 1) == (last["hits"], last["misses"])
 
 
 def _cycle_views(users: int, length: int, items: int) -> list[dict[str, Any]]:
