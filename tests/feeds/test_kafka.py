@@ -350,3 +350,50 @@ async def test_a_feed_started_while_the_broker_is_down_connects_when_it_is_up(
     assert (False, 0) == (down["connected"], down["connects"])
     assert (True, 1) == (up["connected"], up["connects"])
     assert sorted(f"e-{k}" for k in range(100)) == sorted(log_ids(store))
+
+
+class _GatedSink(FeedSink):
+    """A FeedSink whose appends wait at a gate (the writer is behind) and are counted."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.gate = asyncio.Event()
+        self.calls: list[int] = []  # events per append, in call order
+
+    async def append(self, events: Any, **kwargs: Any) -> Any:
+        self.calls.append(len(events))
+        await self.gate.wait()
+        return await super().append(events, **kwargs)
+
+
+async def test_the_feed_stops_fetching_while_an_append_waits(
+    kafka_broker: KafkaBroker, store: Store, decoder: EventDecoder
+) -> None:
+    """
+    While the writer is behind, the feed holds one batch (at most max_batch records)
+    and asks for no more, however long the backlog; once the writer catches up, every
+    record arrives once.
+    """
+    topic = await make_topic(kafka_broker, partitions=1)
+    assert 2_000 == await send(kafka_broker, topic, payloads(0, 2_000))
+    committer = GroupCommitter(store.append, dead_letter_sink=store.log.dead_letters)
+    sink = _GatedSink(committer, decoder, store.log.path)
+    feed = KafkaFeed(section(kafka_broker, topic, max_batch=100), sink, retry_min_s=0.2)
+    task = asyncio.create_task(feed.run(), name="test.kafka_feed")
+    try:
+        await wait_until(lambda: len(sink.calls) >= 1, "the first append", feed)
+        await asyncio.sleep(1.0)  # time enough for more getmany calls, were there any
+        held = list(sink.calls)
+        records_while_held = feed.stats()["records"]
+        sink.gate.set()
+        await wait_until(lambda: feed.stats()["records"] >= 2_000, "2,000 records", feed)
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        await asyncio.to_thread(committer.close)
+    assert 1 == len(held)
+    assert 0 < held[0] <= 100
+    assert 0 == records_while_held
+    assert sorted(f"e-{k}" for k in range(2_000)) == sorted(log_ids(store))
+    assert all(n <= 100 for n in sink.calls)
