@@ -12,8 +12,8 @@ of 10,000 items), it measures:
   event per message) waits on the broker (Kafka: a topic of 4 partitions; MQTT: the
   daemon's persistent session, made before the backlog is published), then the daemon
   starts and drains it; the rate is taken from the daemon's own counters (events made
-  durable and folded), sampled every 100 ms, over the middle 80% of the drain, and over
-  the whole drain;
+  durable and folded), sampled every 100 ms, over the whole drain (the targets' figure)
+  and over its middle 80%;
 - event-to-visible latency at 1,000 events/s: while a stream of 1,000 view events/s
   flows through the broker, probe events (a purchase of a fresh item) are published one
   at a time; each probe's latency runs from just before its publish to the first rank
@@ -311,12 +311,14 @@ async def bench_mqtt(tmp: Path, broker: MqttBroker, backlog: int, seconds: float
 
 def verdicts(r: dict[str, Any]) -> list[dict[str, str]]:
     checks = [
-        (">= 50,000 events/s from Kafka", r["kafka"]["throughput"]["per_s_middle_80pct"],
+        # the whole drain, not its middle: with Mosquitto < 2.0.13 the backlog floods
+        # in, and the middle of the drain is the burst after it
+        (">= 50,000 events/s from Kafka", r["kafka"]["throughput"]["per_s_whole"],
          50_000.0, "ge"),
         (">= 10,000 events/s from MQTT, one event per message",
-         r["mqtt"]["throughput_1_per_message"]["per_s_middle_80pct"], 10_000.0, "ge"),
+         r["mqtt"]["throughput_1_per_message"]["per_s_whole"], 10_000.0, "ge"),
         (f">= 10,000 events/s from MQTT, {GATEWAY_BATCH} events per message",
-         r["mqtt"][f"throughput_{GATEWAY_BATCH}_per_message"]["per_s_middle_80pct"], 10_000.0,
+         r["mqtt"][f"throughput_{GATEWAY_BATCH}_per_message"]["per_s_whole"], 10_000.0,
          "ge"),
         ("Kafka event to visible p99 <= 20 ms", r["kafka"]["event_to_visible"]["p99_ms"],
          20.0, "le"),
