@@ -183,9 +183,14 @@ def movielens_events(path: str | Path) -> tuple[list[Event], float]:
 
 def import_dataset(store: Store, path: str | Path, *, fmt: Format, batch: int = 5_000,
                    event_type: str = "view", progress: bool = True,
-                   clock: Callable[[], float] | None = None) -> ImportReport:
+                   clock: Callable[[], float] | None = None,
+                   transform: Callable[[list[Event]], list[Event]] | None = None) -> ImportReport:
     """
     Append a dataset's events to ``store`` durably, in batches, with a progress bar.
+
+    ``transform``, when given, turns each batch into what is appended (the daemon's
+    privacy plugins: pseudonymized user ids); ``accepted`` and ``duplicates`` count
+    what it returned.
 
     Raises:
         ValueError: unknown format, or a malformed file (the message names the line).
@@ -212,12 +217,12 @@ def import_dataset(store: Store, path: str | Path, *, fmt: Format, batch: int = 
         for event in events:
             pending.append(event)
             if len(pending) >= batch:
-                a, d = _flush(store, pending)
+                a, d = _flush(store, transform(pending) if transform else pending)
                 accepted, duplicates, read = accepted + a, duplicates + d, read + len(pending)
                 bar.update(len(pending))
                 pending = []
         if pending:
-            a, d = _flush(store, pending)
+            a, d = _flush(store, transform(pending) if transform else pending)
             accepted, duplicates, read = accepted + a, duplicates + d, read + len(pending)
             bar.update(len(pending))
     return ImportReport(read, accepted, duplicates, shift, now() - started)

@@ -470,6 +470,28 @@ class EventLog:
             raise self._translate(e) from e
         return n
 
+    def meta(self, key: str) -> str | None:
+        """The value stored under ``key`` in the ``meta`` table, or None."""
+        row = self._conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return None if row is None else str(row[0])
+
+    def set_meta(self, key: str, value: str) -> None:
+        """
+        Store ``value`` under ``key`` in the ``meta`` table, durably.
+
+        For facts about the log that its users keep with it (the daemon records how
+        user ids were mapped); the log's own keys are not for callers to change.
+        """
+        if key in {"next_offset", "tombstone_salt", "truncated_before"}:
+            msg = f"meta: {key} belongs to the log itself"
+            raise ValueError(msg)
+        self._check_usable()
+        try:
+            with _transaction(self._conn):
+                self._conn.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, value))
+        except sqlite3.Error as e:
+            raise self._translate(e) from e
+
     @property
     def is_complete(self) -> bool:
         """Whether the log still holds every event ever appended (retention never ran)."""

@@ -456,3 +456,22 @@ def test_group_positions_are_the_latest_of_the_group(log: EventLog, make_event: 
     committer.close()
 
     assert ({("k", "0"): 5, ("k", "1"): 9}, 2) == (log.positions(), sink.calls)
+
+
+def test_meta_values_are_kept_across_opens(log: EventLog, log_path: Path) -> None:
+    """set_meta stores a value durably; meta reads it back, None for a key never set."""
+    assert log.meta("user_id_probe") is None
+    log.set_meta("user_id_probe", "p:1")
+    log.close()
+    again = EventLog(log_path)
+    try:
+        assert "p:1" == again.meta("user_id_probe")
+    finally:
+        again.close()
+
+
+def test_the_logs_own_meta_keys_cannot_be_set(log: EventLog) -> None:
+    """next_offset, the tombstone salt and the retention mark belong to the log."""
+    for key in ("next_offset", "tombstone_salt", "truncated_before"):
+        with pytest.raises(ValueError, match=f"meta: {key} belongs to the log itself"):
+            log.set_meta(key, "1")
