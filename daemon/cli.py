@@ -5,8 +5,13 @@ The ``rerankd`` command line.
 socket (``user`` and ``forget`` open the store directly with ``--offline``, for a
 stopped daemon); ``publish`` sends events to an MQTT or Kafka broker, for the daemon's
 feeds; ``import``, ``summary``, ``item``, ``log`` and ``snapshot`` open the store
-directly. Errors become one line ``rerankd: …`` on stderr and exit status 1
+directly; ``check-config`` and ``plugins`` show the configuration and the registered
+plugins. Errors become one line ``rerankd: …`` on stderr and exit status 1
 (`CliError`); logs go to stderr, so stdout is only the command's output.
+
+Whatever writes or looks up users offline (``import``, ``demo``, ``user`` and
+``forget`` with ``--offline``) goes through the configured privacy plugins as the
+daemon does, so the same raw id reaches the same stored user either way.
 """
 
 from __future__ import annotations
@@ -38,10 +43,12 @@ from daemon._cli_socket import (
     render_user,
 )
 from daemon._errors import DaemonError
+from daemon._plugins import check_user_ids, load_plugins
 from daemon.config import Config, load_config
 from daemon.logs import configure_logging
 from eventstore import EventDecoder, Store, StoreError
 from eventstore.importers import FORMATS, import_dataset
+from plugins.registry import REGISTRY, PrivacyChain
 
 __all__ = ["main"]
 
@@ -83,6 +90,13 @@ def _store(config: Config) -> Iterator[Store]:
         decoder=EventDecoder(config.limits),
     ) as store:
         yield store
+
+
+def _privacy(config: Config, store: Store) -> PrivacyChain:
+    """The configured privacy plugins, checked against the ids ``store`` holds."""
+    plugins = load_plugins(config)
+    check_user_ids(store.log, plugins)
+    return plugins.privacy
 
 
 config_option = click.option(
@@ -175,7 +189,9 @@ def import_cmd(path: Path, fmt: str, event_type: str, config_path: Path | None) 
     """Append a dataset to the event log (idempotent: re-importing adds nothing)."""
     config = load_config(config_path)
     with _store(config) as store:
-        report = import_dataset(store, path, fmt=fmt, event_type=event_type)  # type: ignore[arg-type]
+        privacy = _privacy(config, store)
+        report = import_dataset(store, path, fmt=fmt, event_type=event_type,  # type: ignore[arg-type]
+                                transform=privacy.ingest)  # fmt: skip
     click.echo(
         f"imported {report.accepted} events ({report.duplicates} already in the log) "
         f"from {path} in {report.seconds:.1f} s"
@@ -251,7 +267,8 @@ def demo(
         raise CliError(msg)
     config = load_config(config_path)
     with _store(config) as store:
-        report = import_dataset(store, dataset, fmt=fmt)  # type: ignore[arg-type]
+        privacy = _privacy(config, store)
+        report = import_dataset(store, dataset, fmt=fmt, transform=privacy.ingest)  # type: ignore[arg-type]
         click.echo(
             f"imported {report.accepted} new events from {dataset} "
             f"({report.duplicates} were already in the log) in {report.seconds:.1f} s\n"
@@ -453,8 +470,9 @@ def user(
 ) -> None:  # fmt: skip
     """Print one user's state: recent items, interests, counters."""
     if offline:
-        with _store(load_config(config_path)) as store:
-            view = store.state.user_view(user)
+        config = load_config(config_path)
+        with _store(config) as store:
+            view = store.state.user_view(_privacy(config, store).user_id(user))
         if view is None:
             raise CliError("user: not in the state (never seen, or forgotten)")
     else:
@@ -477,8 +495,9 @@ def forget(
     if offline:
         if not yes:
             click.confirm(question, abort=True)
-        with _store(load_config(config_path)) as store:
-            deleted = store.forget(user)
+        config = load_config(config_path)
+        with _store(config) as store:
+            deleted = store.forget(_privacy(config, store).user_id(user))
         click.echo(f"erased: {deleted} events deleted, tombstone kept")
         return
     with connect(_socket(config_path, socket_path), offline_hint=True) as client:
@@ -544,25 +563,76 @@ def snapshot(config_path: Path | None) -> None:
 @config_option
 @_friendly
 def check_config(*, as_json: bool, config_path: Path | None) -> None:
-    """Check the config strictly and print every key's effective value."""
+    """
+    Check the config strictly and print every key's effective value.
+
+    The listed plugins are built without side effects (no key is generated), so
+    their parameters are checked too; each plugin's unset parameters are shown as
+    comments with their defaults.
+    """
     config = load_config(config_path)
+    load_plugins(config, dry_run=True)
     sections = _config_sections(config)
+    plugins = _plugin_params(config)
     if as_json:
-        click.echo(json.dumps({"source": config.source, **sections}, indent=2))
+        section = config.plugins
+        body = {"privacy": list(section.privacy), "policies": list(section.policies),
+                **{name: configured | defaults for name, (configured, defaults) in plugins.items()}}
+        click.echo(json.dumps({"source": config.source, **sections, "plugins": _plain(body)},
+                              indent=2))  # fmt: skip
         return
     click.echo(f"# the effective config from {config.source}, defaults filled in")
     for name, values in sections.items():
         click.echo(f"\n[{name}]")
         for key, value in values.items():
             click.echo(f"{key} = {_toml_value(key, value)}")
+    click.echo("\n[plugins]")
+    click.echo(f"privacy = {_toml_value('', list(config.plugins.privacy))}")
+    click.echo(f"policies = {_toml_value('', list(config.plugins.policies))}")
+    for name, (configured, defaults) in plugins.items():
+        click.echo(f"\n[plugins.{_toml_key(name)}]")
+        for key, value in configured.items():
+            click.echo(f"{_toml_key(key)} = {_toml_value(key, _plain(value))}")
+        for key, value in defaults.items():
+            text = ("(no default)" if value is ... else "(unset)" if value is None
+                    else _toml_value(key, _plain(value)))  # fmt: skip
+            click.echo(f"# {_toml_key(key)} = {text}  (the default)")
+
+
+def _plugin_params(config: Config) -> dict[str, tuple[dict[str, Any], dict[str, Any]]]:
+    """Per listed plugin: (the parameters set in the config, the defaults of the rest)."""
+    out = {}
+    for name in config.plugins.names:
+        configured = dict(config.plugins.params.get(name, {}))
+        defaults = {k: v for k, v in REGISTRY.defaults(name).items() if k not in configured}
+        out[name] = (configured, defaults)
+    return out
+
+
+@main.command("plugins")
+@json_option
+@_friendly
+def plugins_cmd(*, as_json: bool) -> None:
+    """List the plugins registered in the entry-point group rerankd.plugins (none imported)."""
+    found = [dataclasses.asdict(info) for info in REGISTRY.info()]
+    if as_json:
+        click.echo(json.dumps(found, indent=2))
+        return
+    width = max((len(p["name"]) for p in found), default=0)
+    for p in found:
+        click.echo(f"{p['name']:<{width}}  {p['value']}  ({p['distribution']})")
 
 
 def _config_sections(config: Config) -> dict[str, dict[str, Any]]:
-    """Every section of ``config`` as plain JSON-able values, in declaration order."""
+    """
+    Every section of ``config`` as plain JSON-able values, in declaration order.
+
+    All but ``[plugins]``, which is printed apart, as one table per plugin.
+    """
     sections = {}
     for f in dataclasses.fields(config):
         section = getattr(config, f.name)
-        if dataclasses.is_dataclass(section):
+        if dataclasses.is_dataclass(section) and f.name != "plugins":
             sections[f.name] = {
                 g.name: _plain(getattr(section, g.name)) for g in dataclasses.fields(section)
             }

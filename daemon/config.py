@@ -11,20 +11,24 @@ from __future__ import annotations
 
 import tomllib
 import typing
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any, Final
 
 import msgspec
 
 from daemon._errors import ConfigError
 from eventstore import FoldConfig, Limits
+from plugins.registry import REGISTRY
 
 __all__ = [
     "Config",
     "KafkaSection",
     "MetricsSection",
     "MqttSection",
+    "PluginsSection",
     "RankingSection",
     "ServerSection",
     "StoreSection",
@@ -32,6 +36,8 @@ __all__ = [
 ]
 
 DEFAULTS_SOURCE: Final = "<defaults>"
+#: The privacy plugins of the embedded default: user ids are pseudonymized.
+DEFAULT_PRIVACY: Final = ("pseudonymize",)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -303,6 +309,44 @@ class KafkaSection:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class PluginsSection:
+    """
+    ``[plugins]``: which plugins run, in which order, with which parameters.
+
+    Names are entry points of the group ``rerankd.plugins`` (`plugins.registry`):
+    the built-ins and whatever third-party packages are installed.
+
+    Args:
+        privacy: privacy plugins, in the order each event goes through them before it
+            is stored (and each request's user id before it is looked up).
+            Default: ``pseudonymize`` alone.
+        policies: ranking policies, in the order they re-rank each answer.
+        params: the ``[plugins.<name>]`` tables: each listed plugin's parameters
+            (unset ones take the plugin's defaults). A table for a plugin that is not
+            listed is an error, so a typo cannot silently leave a plugin unconfigured.
+    """
+
+    privacy: tuple[str, ...] = DEFAULT_PRIVACY
+    policies: tuple[str, ...] = ()
+    params: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        problem = _plugins_problem(self.privacy, self.policies, self.params)
+        if problem is not None:
+            msg = f"{problem[0]}: {problem[1]}"
+            raise ValueError(msg)
+        # an empty table sets nothing: the same as no table (check-config prints one)
+        frozen = {name: MappingProxyType(dict(table))
+                  for name, table in self.params.items() if table}  # fmt: skip
+        object.__setattr__(self, "params", MappingProxyType(frozen))
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        """Every listed plugin: the privacy plugins, then the policies."""
+        return (*self.privacy, *self.policies)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Config:
     """The whole configuration; ``source`` names the file it came from."""
 
@@ -314,6 +358,7 @@ class Config:
     metrics: MetricsSection = field(default_factory=MetricsSection)
     mqtt: MqttSection = field(default_factory=MqttSection)
     kafka: KafkaSection = field(default_factory=KafkaSection)
+    plugins: PluginsSection = field(default_factory=PluginsSection)
     source: str = DEFAULTS_SOURCE
 
 
@@ -326,6 +371,7 @@ _SECTIONS: Final = {
     "metrics": MetricsSection,
     "mqtt": MqttSection,
     "kafka": KafkaSection,
+    "plugins": PluginsSection,
 }
 
 
@@ -352,9 +398,68 @@ def load_config(path: str | Path | None = None) -> Config:
             source, f"[{unknown[0]}]", f"unknown section; known: {', '.join(sorted(_SECTIONS))}"
         )
     sections = {
-        name: _section(source, name, cls, raw.get(name, {})) for name, cls in _SECTIONS.items()
-    }
-    return Config(**sections, source=source)
+        name: _section(source, name, cls, raw.get(name, {}))
+        for name, cls in _SECTIONS.items() if cls is not PluginsSection
+    }  # fmt: skip
+    return Config(**sections, plugins=_plugins_section(source, raw.get("plugins", {})),
+                  source=source)  # fmt: skip
+
+
+def _plugins_section(source: str, values: Any) -> PluginsSection:
+    """
+    ``[plugins]``: the two lists, then one ``[plugins.<name>]`` table per plugin.
+
+    Names are checked against the registered entry points (nothing is imported);
+    the parameters are checked by the plugins themselves when the daemon builds them
+    (at start, on SIGHUP, and by ``rerankd check-config``).
+    """
+    if not isinstance(values, dict):
+        raise ConfigError(source, "[plugins]", "expected a table")
+    lists: dict[str, tuple[str, ...]] = {}
+    params: dict[str, Any] = {}
+    for key, value in values.items():
+        if key in {"privacy", "policies"}:
+            try:
+                lists[key] = msgspec.convert(value, tuple[str, ...])
+            except msgspec.ValidationError as e:
+                raise ConfigError(source, f"[plugins].{key}",
+                                  f"expected a list of plugin names ({e})") from e  # fmt: skip
+        elif isinstance(value, dict):
+            params[key] = value
+        else:
+            known = "privacy, policies, and a [plugins.<name>] table per listed plugin"
+            raise ConfigError(source, f"[plugins].{key}", f"unknown key; known: {known}")
+    problem = _plugins_problem(lists.get("privacy", DEFAULT_PRIVACY),
+                               lists.get("policies", ()), params)
+    if problem is not None:
+        raise ConfigError(source, *problem)
+    section = PluginsSection(**lists, params=params)
+    registered = REGISTRY.names()
+    for kind in ("privacy", "policies"):
+        for name in getattr(section, kind):
+            if name not in registered:
+                raise ConfigError(source, f"[plugins].{kind}", f"unknown plugin {name!r}; known "
+                                  f"(entry points rerankd.plugins): {', '.join(registered)}")
+    return section
+
+
+def _plugins_problem(privacy: tuple[str, ...], policies: tuple[str, ...],
+                     params: Mapping[str, Any]) -> tuple[str, str] | None:  # fmt: skip
+    """The first structural mistake of ``[plugins]`` as (key, what is wrong), or None."""
+    for kind, names in (("privacy", privacy), ("policies", policies)):
+        repeated = sorted({n for n in names if names.count(n) > 1})
+        if repeated:
+            return f"[plugins].{kind}", f"{repeated[0]!r} is listed twice"
+    both = sorted(set(privacy) & set(policies))
+    if both:
+        return "[plugins]", f"{both[0]!r} is listed both as a privacy plugin and as a policy"
+    for name, table in params.items():
+        if name not in privacy and name not in policies:
+            return (f"[plugins.{name}]", ("parameters for a plugin that is not listed in "
+                    "[plugins].privacy or [plugins].policies; list it or remove the table"))
+        if not isinstance(table, Mapping):
+            return f"[plugins.{name}]", "expected a table of parameters"
+    return None
 
 
 def _section(source: str, name: str, cls: type, values: Any) -> Any:

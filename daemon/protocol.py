@@ -14,8 +14,8 @@ never repeats a value from the request.
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from typing import Any, Final
 
 import msgspec
@@ -83,6 +83,11 @@ class Rank:
     ``op`` is ``"explain"`` for the explain op, which is ``rank`` with an explanation
     entry per item (score parts, policies applied), as is ``explain=True``.
     ``candidates`` may be given as a list of strings (converted on construction).
+
+    ``user`` is the id the user is stored under: the decoder maps the caller's id
+    through the privacy plugins (``user_id``). ``given_user`` is the id as the caller
+    sent it, kept only when it was mapped: the answer's impression record is an event
+    like any other, made from it and mapped by the privacy plugins on its way to the log.
     """
 
     user: str
@@ -92,6 +97,7 @@ class Rank:
     context: dict[str, str | int | float | bool | None] | None = None
     explain: bool = False
     op: str = "rank"
+    given_user: str | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         if not isinstance(self.candidates, Candidates):
@@ -110,13 +116,13 @@ class Ingest(_Base, tag="ingest"):
 
 
 class UserInfo(_Base, tag="user"):
-    """The state kept about ``user`` (item ids raw, the user id never)."""
+    """The state kept about ``user`` (mapped as in `Rank`): item ids raw, the user id never."""
 
     user: str
 
 
 class Forget(_Base, tag="forget"):
-    """Erase ``user`` everywhere and keep a tombstone."""
+    """Erase ``user`` everywhere and keep a tombstone; ``user`` mapped as in `Rank`."""
 
     user: str
 
@@ -170,11 +176,16 @@ class RequestDecoder:
     Args:
         max_candidates: most candidate ids in a ``rank``/``explain``.
         max_id_bytes: longest user id, item id or request id (bytes).
+        user_id: maps the ``user`` of ``rank``, ``explain``, ``user`` and ``forget``
+            to the id it is stored under (the privacy plugins' ``user_id``), after the
+            raw id's limits are checked; None leaves ids as they are.
     """
 
-    def __init__(self, *, max_candidates: int = 5000, max_id_bytes: int = 256) -> None:
+    def __init__(self, *, max_candidates: int = 5000, max_id_bytes: int = 256,
+                 user_id: Callable[[str], str] | None = None) -> None:  # fmt: skip
         self.max_candidates = max_candidates
         self.max_id_bytes = max_id_bytes
+        self._user_id = user_id
         self._decoder = msgspec.json.Decoder(_WireRequest)
         self._id_decoder = msgspec.json.Decoder(_IdOnly)
 
@@ -187,6 +198,8 @@ class RequestDecoder:
         self._check_limits(request)
         if isinstance(request, _RankWire):
             return self._rank(request)
+        if self._user_id is not None and isinstance(request, UserInfo | Forget):
+            return msgspec.structs.replace(request, user=self._user_id(request.user))
         return request
 
     def _request_id(self, line: bytes) -> RequestId:
@@ -227,8 +240,11 @@ class RequestDecoder:
         except CandidateError as error:
             raise ProtocolError(error.code, str(error), rid) from None
         op = type(wire).__struct_config__.tag
-        return Rank(id=rid, user=wire.user, candidates=candidates, k=wire.k,
-                    context=wire.context, explain=wire.explain, op=op)  # fmt: skip
+        user, given = wire.user, None
+        if self._user_id is not None:
+            user, given = self._user_id(user), user
+        return Rank(id=rid, user=user, candidates=candidates, k=wire.k, context=wire.context,
+                    explain=wire.explain, op=op, given_user=given)  # fmt: skip
 
     def _check_id(self, value: str, field: str, rid: RequestId) -> None:
         if not value or len(value.encode()) > self.max_id_bytes:

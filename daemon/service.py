@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import gc
 import itertools
 import os
@@ -33,6 +34,7 @@ from typing import Any, Final
 import structlog
 
 from daemon._errors import DaemonError
+from daemon._plugins import Plugins, check_user_ids, load_plugins
 from daemon.autotrain import train_from_log
 from daemon.candidates import Candidates
 from daemon.config import DEFAULTS_SOURCE, Config, load_config
@@ -53,10 +55,11 @@ from daemon.ranking import RankedList, Ranking
 from daemon.server import Server, bind_unix_socket
 from daemon.systemd import inherited_socket, notify, watchdog_interval_s
 from eventstore import BackpressureError, EventDecoder, GroupCommitter, Store
-from eventstore.schema import ItemsShown, UserForgotten
+from eventstore.schema import Event, ItemsShown, Rejection, UserForgotten
 from eventstore.store import LOG_FILE
 from kernels.modelfile import ModelFileError, load_model
 from kernels.runtime import Ranker
+from plugins.registry import PrivacyChain
 
 __all__ = ["Service", "ShutdownRequested", "run"]
 
@@ -163,6 +166,8 @@ class Service:
         self.batcher: _Batcher | None = None
         self.decoder = EventDecoder(config.limits)
         self.model = _Model(None, (), "none", 0.0)
+        # the configured plugins, built by open(); until then nothing is mapped or stored
+        self.plugins = Plugins(PrivacyChain(), ())
         self._impressions: list[ItemsShown] = []
         self._impressions_waiting = asyncio.Event()
         self.metrics = Metrics()
@@ -183,8 +188,13 @@ class Service:
     # ---------------------------------------------------------------- set-up
 
     def open(self) -> None:
-        """Open the store, load and warm up the model (blocking: call from a thread)."""
+        """
+        Build the plugins, open the store, load and warm up the model.
+
+        Blocking: call it from a thread.
+        """
         s = self.config.store
+        self.plugins = load_plugins(self.config)
         self.store = Store(
             s.data_dir,
             fold=self.config.fold,
@@ -193,12 +203,15 @@ class Service:
             keep_snapshots=s.keep_snapshots,
             decoder=self.decoder,
         )
+        check_user_ids(self.store.log, self.plugins)
+        _log_plugins(self.plugins)
         self._last_snapshot = (time.monotonic(), self.store.state.offset)
         self.committer = GroupCommitter(
             self._append, name="daemon[writer]", dead_letter_sink=self.store.log.dead_letters
         )
         self.feeds = _make_feeds(self.config, FeedSink(
-            self.committer, self.decoder, self.store.log.path, self.metrics))  # fmt: skip
+            self.committer, self.decoder, self.store.log.path, self.metrics,
+            privacy=self.privacy_ingest))  # fmt: skip
         self.model = _load_model(self.config)
         store = self.store
         self.ranking = Ranking(
@@ -216,6 +229,19 @@ class Service:
         if self.config.metrics.listen:
             host, port = self.metrics.serve(self.config.metrics.listen)
             _log.info("metrics_serving", address=f"{host}:{port}")
+
+    def user_id(self, user: str) -> str:
+        """The id ``user`` is stored under: mapped by each privacy plugin in order."""
+        return self.plugins.privacy.user_id(user)
+
+    def privacy_ingest(self, events: Sequence[Event]) -> list[Event]:
+        """
+        ``events`` as they may be stored: through each privacy plugin in order.
+
+        Every way into the log goes through here after decoding and before the append:
+        the socket's ``ingest``, the feeds (`FeedSink.decode`) and the impression records.
+        """
+        return self.plugins.privacy.ingest(events)
 
     def _append(self, events: Sequence[Any], *, positions: Any = None) -> Any:
         """The writer's sink: append + fold, then a snapshot if the interval has passed."""
@@ -350,6 +376,20 @@ class Service:
             return
         try:
             config = await asyncio.to_thread(load_config, source)
+            # in the data directory in use: a new [store] waits for a restart
+            running = dataclasses.replace(config, store=self.config.store)
+            plugins = await asyncio.to_thread(load_plugins, running)
+        except (DaemonError, OSError, ValueError) as error:
+            _log.error("reload_failed", error=str(error))
+            return
+        if plugins.user_id_probe != self.plugins.user_id_probe:
+            # the state, the log and the tombstones are keyed by the current pseudonyms
+            _log.error("reload_refused", reason="the new [plugins] would map user ids "
+                       "otherwise (another pseudonymization key or hex_chars, or pseudonymize "
+                       "switched on or off); nothing was changed. Re-keying is an offline "
+                       "replay of the log: see README, Key rotation")  # fmt: skip
+            return
+        try:
             model = await asyncio.to_thread(_load_model, config)
         except (DaemonError, ModelFileError, OSError, ValueError) as error:
             _log.error("reload_failed", error=str(error))
@@ -359,7 +399,8 @@ class Service:
                 _log.warning("reload_needs_restart", section=section)
         assert self.ranking is not None
         self.ranking.replace_model(model.ranker, model.vocabulary, _feature_weights(config))
-        self.config, self.model = config, model
+        self.config, self.model, self.plugins = config, model, plugins
+        _log_plugins(plugins)
         _log.info("reloaded", model=model.source)
 
     def close(self) -> None:
@@ -449,7 +490,9 @@ class Service:
     def _rank_body(self, request: Rank, result: RankedList) -> dict[str, Any]:
         ranking_id = self._ranking_ids()
         if self.config.ranking.record_impressions and result.items:
-            self._record_impression(request.user, result.items, ranking_id)
+            # made from the id the caller sent: the privacy plugins map it on the way in
+            user = request.user if request.given_user is None else request.given_user
+            self._record_impression(user, result.items, ranking_id)
         body: dict[str, Any] = {"ranking_id": ranking_id, "items": result.items,
                                 "scores": result.scores, "source": result.source}  # fmt: skip
         if result.explain is not None:
@@ -466,6 +509,9 @@ class Service:
         every answer's latency. The interval is short (5 ms) because folding a group
         holds the GIL for about 13 µs an impression: groups of 50 ms stalled the loop
         for over a millisecond and tripled the p99.
+
+        ``user`` is the caller's id: the impression goes through the privacy plugins
+        when it is flushed, like every event on its way to the log.
         """
         shown = ItemsShown(id=ranking_id, ts=time.time(), user=user, items=items[:256],
                            ranking_id=ranking_id)  # fmt: skip
@@ -492,26 +538,37 @@ class Service:
             return
         batch, self._impressions = self._impressions, []
         try:
-            self.committer.submit(batch)
+            self.committer.submit(self.privacy_ingest(batch))
         except BackpressureError:
+            self.metrics.impressions_dropped.inc(len(batch))
+        except Exception:  # noqa: BLE001 - a privacy plugin's bug: drop, never store unmapped
+            _log.exception("impressions_privacy_failed", impressions=len(batch))
             self.metrics.impressions_dropped.inc(len(batch))
 
     async def _ingest(self, raw: Any) -> dict[str, Any]:
         assert self.committer is not None
-        decoded = await asyncio.to_thread(self.decoder.decode, bytes(raw))
-        rejected = [{"index": r.index, "error": str(r.error)} for r in decoded.rejected]
+        events, dropped, rejections = await asyncio.to_thread(self._decode, bytes(raw))
+        rejected = [{"index": r.index, "error": str(r.error)} for r in rejections]
         status: list[str] = []
-        if decoded.events:
-            status = (await self._submit(decoded.events)).status  # busy: nothing counted
+        if events:
+            status = (await self._submit(events)).status  # busy: nothing counted
         outcome = {
             "accepted": status.count("accepted"),
             "duplicates": status.count("duplicate"),
             # events of a forgotten user: kept out of the log by the tombstone
             "erased": status.count("erased"),
         }
-        for name, n in (*outcome.items(), ("rejected", len(rejected))):
+        for name, n in (*outcome.items(), ("rejected", len(rejected)), ("dropped", dropped)):
             self.metrics.events.labels(outcome=name).inc(n)
+        if dropped:  # a privacy plugin kept some events out (none of the built-ins does)
+            outcome["dropped"] = dropped
         return {**outcome, "rejected": rejected}
+
+    def _decode(self, raw: bytes) -> tuple[list[Event], int, list[Rejection]]:
+        """Decode, then the privacy plugins: (events to store, how many dropped, rejections)."""
+        decoded = self.decoder.decode(raw)
+        events = self.privacy_ingest(decoded.events) if decoded.events else []
+        return events, len(decoded.events) - len(events), decoded.rejected
 
     async def _submit(self, events: Sequence[Any]) -> Any:
         assert self.committer is not None
@@ -534,6 +591,12 @@ class Service:
         return {"user": view}
 
     async def _forget(self, user: str) -> dict[str, Any]:
+        """
+        Erase ``user``, an id already mapped by the request decoder (`Service.user_id`).
+
+        The forget event is a command carried out by the store, not stored: it does not
+        go through the privacy plugins again (which would map the id twice).
+        """
         event = UserForgotten(id=f"forget-{uuid.uuid4().hex}", ts=time.time(), user=user)
         await self._submit([event])
         assert self.ranking is not None
@@ -541,13 +604,17 @@ class Service:
         return {}
 
     def stats(self) -> dict[str, Any]:
-        """Counters, queue depths and cache figures for the ``stats`` op."""
+        """
+        Counters, queue depths and cache figures for the ``stats`` op.
+
+        As the privacy plugins' ``export`` lets them out.
+        """
         assert self.store is not None
         assert self.committer is not None
         assert self.ranking is not None
         assert self.batcher is not None
         state, m = self.store.state, self.metrics
-        return {
+        return self.plugins.privacy.export({
             "uptime_s": round(time.time() - self.started, 3),
             "events": self._event_counts() | {"log_offset": state.offset},
             "users": len(state.user_index),
@@ -567,12 +634,14 @@ class Service:
             "warmup_s": round(self.model.warmup_s, 3),
             "compile_count": self._compile_count(),
             "feeds": {feed.name: feed.stats() for feed in self.feeds},
-        }
+            "plugins": {"privacy": self.plugins.privacy.names,
+                        "policies": [p.name for p in self.plugins.policies]},
+        })
 
     def _event_counts(self) -> dict[str, int]:
         """What happened to ingested events and rank requests, from the Prometheus counters."""
         m = self.metrics
-        outcomes = ("accepted", "duplicates", "erased", "rejected")
+        outcomes = ("accepted", "duplicates", "erased", "rejected", "dropped")
         counts = {o: m.total("rerankd_events_total", outcome=o) for o in outcomes}
         return counts | {
             "ranked": sum(m.total("rerankd_requests_total", op=op) for op in ("rank", "explain")),
@@ -617,6 +686,15 @@ def _load_model(config: Config) -> _Model:
               executables=report.executables, warmup_s=round(report.seconds, 2),
               device=report.device)  # fmt: skip
     return _Model(ranker, loaded.manifest.vocabulary, str(path), report.seconds)
+
+
+def _log_plugins(plugins: Plugins) -> None:
+    """Say which plugins run (policies are built and checked, not yet applied to answers)."""
+    policies = [p.name for p in plugins.policies]
+    _log.info("plugins_loaded", privacy=plugins.privacy.names, policies=policies)
+    if policies:
+        _log.warning("ranking_policies_not_applied", policies=policies,
+                     reason="the ranking path does not run policies yet; they are only checked")
 
 
 def _make_feeds(config: Config, sink: FeedSink) -> list[Any]:
@@ -675,7 +753,8 @@ async def _main(config: Config) -> int:
         service.handle,
         config.server,
         RequestDecoder(
-            max_candidates=config.server.max_candidates, max_id_bytes=config.limits.max_id_bytes
+            max_candidates=config.server.max_candidates, max_id_bytes=config.limits.max_id_bytes,
+            user_id=service.user_id,
         ),
         rank_now=service.rank_now,
     )

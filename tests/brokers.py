@@ -4,7 +4,7 @@ Real brokers for tests: Apache Kafka in KRaft mode (``scripts/kafka``) and Mosqu
 in a directory that survives ``stop()``/``kill()`` and ``start()``.
 
 Tests import this module as ``brokers`` (``tests/`` is on ``sys.path`` because of the
-root ``conftest.py``); the session fixtures are in ``tests/feeds/conftest.py``.
+root ``conftest.py``); the session fixtures are in ``tests/conftest.py``.
 """
 
 from __future__ import annotations

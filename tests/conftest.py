@@ -1,4 +1,14 @@
-"""Shared fixtures: a store directory, a decoder with a fixed clock, event factories."""
+"""
+Shared fixtures: a store directory, a decoder with a fixed clock, event factories, and
+the real brokers.
+
+One real Kafka and one real Mosquitto serve the whole session, each started the first
+time a test asks for it (so ``pytest tests/kernels`` starts neither) and stopped when
+the session ends; the feed tests and the privacy tests (``tests/plugins``) share them.
+Tests that share a broker keep apart by their own topics, groups and client ids
+(``brokers.unique_name``). A test that stops or kills a broker starts it again before
+it ends (``start()`` does nothing when the broker runs), so the next test finds it up.
+"""
 
 from __future__ import annotations
 
@@ -13,6 +23,8 @@ from eventstore.schema import EVENT_CLASSES
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
     from pathlib import Path
+
+    from brokers import KafkaBroker, MqttBroker
 
 #: The tests' "now" in event time (2025-11-27). The decoder's clock runs 1e6 s
 #: (about 11.6 days) ahead of it, so test events are never "in the future".
@@ -84,3 +96,37 @@ def fixture_store(store_dir: Path, decoder: EventDecoder) -> Iterator[Store]:
     store = Store(store_dir, decoder=decoder, snapshot_every=0)
     yield store
     store.close(snapshot=False)  # closing twice is harmless; tests may close it themselves
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "brokers: runs against the real Kafka and Mosquitto of tests/conftest.py"
+    )
+
+
+@pytest.fixture(name="kafka_broker", scope="session")
+def fixture_kafka_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KafkaBroker]:
+    """A running single-node Kafka (KRaft) on free loopback ports: ``.bootstrap``."""
+    from brokers import KafkaBroker, free_ports  # noqa: PLC0415 - aiokafka only when asked
+
+    port, controller_port = free_ports(2)
+    broker = KafkaBroker(tmp_path_factory.mktemp("kafka"), port, controller_port)
+    try:
+        broker.start()
+        yield broker
+    finally:
+        broker.stop()
+
+
+@pytest.fixture(name="mqtt_broker", scope="session")
+def fixture_mqtt_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MqttBroker]:
+    """A running Mosquitto with persistence on a free loopback port: ``.host``, ``.port``."""
+    from brokers import MqttBroker, free_ports  # noqa: PLC0415 - aiokafka only when asked
+
+    (port,) = free_ports(1)
+    broker = MqttBroker(tmp_path_factory.mktemp("mosquitto"), port)
+    try:
+        broker.start()
+        yield broker
+    finally:
+        broker.stop()

@@ -29,8 +29,9 @@ class Daemon:
 
     def __init__(
         self, tmp: Path, config: str = "", *, listen_fd: int | None = None,
-        socket_dir: Path | None = None,
+        socket_dir: Path | None = None, python_path: tuple[Path, ...] = (),
     ) -> None:  # fmt: skip
+        """``python_path``: more directories on the daemon's PYTHONPATH (after the checkout)."""
         self.tmp = tmp
         self.socket_path = (socket_dir or tmp) / "rerankd.sock"
         self.config = tmp / "rerankd.toml"
@@ -45,7 +46,8 @@ class Daemon:
         self.notify.bind(str(self.notify_path))
         self.messages: list[str] = []
         self.stdout = (tmp / "daemon.log").open("ab")
-        env = {"PATH": os.environ["PATH"], "PYTHONPATH": str(ROOT),
+        env = {"PATH": os.environ["PATH"],
+               "PYTHONPATH": os.pathsep.join(map(str, (ROOT, *python_path))),
                "NOTIFY_SOCKET": str(self.notify_path), "JAX_PLATFORMS": "cpu"}  # fmt: skip
         command = [sys.executable, "-m", "daemon.cli", "run", "--config", str(self.config)]
         pass_fds: tuple[int, ...] = ()

@@ -2,7 +2,8 @@
 What a feed needs from the daemon: decoding, durable appends, stored positions.
 
 :class:`FeedSink` wraps the daemon's :class:`~eventstore.GroupCommitter`. A feed calls
-:meth:`FeedSink.decode` on each payload and :meth:`FeedSink.append` with the good
+:meth:`FeedSink.decode` on each payload (decoding, then the privacy plugins: user ids
+pseudonymized, personal data masked) and :meth:`FeedSink.append` with the good
 events, the bad payloads with their reasons, and the positions the batch covers; the
 call returns once everything is committed, and only then may the feed acknowledge.
 While the writer is behind (or the disk refuses writes) ``append`` waits and retries
@@ -16,7 +17,7 @@ import asyncio
 import os
 import random
 import sqlite3
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -88,24 +89,44 @@ class FeedSink:
         log_path: the event log's file, read (read-only) for stored positions.
         metrics: the daemon's :class:`~daemon.metrics.Metrics`, or None.
         retry_s: how long to wait before retrying when the disk refused a write.
+        privacy: the privacy plugins' ``ingest`` (`Service.privacy_ingest`), applied to
+            every decoded event before it can be appended; None: events as decoded.
     """
 
     def __init__(self, committer: Any, decoder: EventDecoder, log_path: Path,
-                 metrics: Any = None, *, retry_s: float = 1.0) -> None:  # fmt: skip
+                 metrics: Any = None, *, retry_s: float = 1.0,
+                 privacy: Callable[[Sequence[Event]], list[Event]] | None = None,
+                 ) -> None:  # fmt: skip
         self._committer = committer
         self._decoder = decoder
+        self._privacy = privacy
         self._log_path = log_path
         self.metrics = metrics  # the daemon's Metrics (None in some tests)
         self._retry_s = retry_s
         self.paused_s = 0.0  # total time appends waited for the writer
 
     def decode(self, payload: bytes) -> tuple[list[Event], list[tuple[bytes, str]]]:
-        """The valid events of a payload (event or list); the bad parts as (raw, reason)."""
+        """
+        The valid events of a payload, through the privacy plugins, and its bad parts.
+
+        The payload is one event or a list; the good events come back as the privacy
+        plugins let them be stored, the bad parts as (raw, reason).
+
+        A privacy plugin that fails makes the whole payload a dead letter: an event
+        that was not through every plugin is never appended.
+        """
         try:
             result = self._decoder.decode(payload)
         except EventRejectedError as e:  # defensive: decode reports, not raises
             return [], [(payload, str(e))]
-        return result.events, [(r.raw, str(r.error)) for r in result.rejected]
+        dead = [(r.raw, str(r.error)) for r in result.rejected]
+        if self._privacy is None or not result.events:
+            return result.events, dead
+        try:
+            return self._privacy(result.events), dead
+        except Exception as e:  # noqa: BLE001 - a plugin's bug must not stop the feed
+            _log.exception("feed_privacy_failed")
+            return [], [(payload, f"privacy: a privacy plugin failed ({type(e).__name__})")]
 
     async def append(self, events: Sequence[Event], *, source: str,
                      positions: Positions | None = None,

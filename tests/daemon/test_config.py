@@ -28,7 +28,7 @@ def test_example_config_equals_the_defaults() -> None:
 
 @pytest.mark.parametrize(("text", "message"), [
     ("[store]\nbogus = 1\n", "[store].bogus: unknown key; known: data_dir"),
-    ("[nope]\n", "[nope]: unknown section; known: fold, kafka, limits, metrics, mqtt, ranking, server, store"),
+    ("[nope]\n", "[nope]: unknown section; known: fold, kafka, limits, metrics, mqtt, plugins, ranking, server, store"),
     ('[fold]\nseq_len = "x"\n', "[fold].seq_len: expected int"),
     ("[fold]\nseq_len = 0\n", "seq_len: expected 1..4096, got 0"),
     ("[fold.weights]\nclik = 1.0\n", "weights: unknown event types ['clik']"),
@@ -39,6 +39,15 @@ def test_example_config_equals_the_defaults() -> None:
     ('[mqtt]\ntopics = "a/#"\n', "[mqtt].topics: expected"),
     ('[kafka]\nsecurity_protocol = "TLS"\n', "[kafka]: security_protocol must be PLAINTEXT"),
     ('[kafka]\ngroup_id = ""\n', "[kafka]: group_id must not be empty"),
+    ('[plugins]\nprivacy = ["nope"]\n', ("[plugins].privacy: unknown plugin 'nope'; known "
+                                          "(entry points rerankd.plugins): ")),
+    ('[plugins]\nprivacy = "mask"\n', "[plugins].privacy: expected a list of plugin names"),
+    ('[plugins]\nprivacy = ["mask", "mask"]\n', "[plugins].privacy: 'mask' is listed twice"),
+    ('[plugins]\nprivacy = ["mask"]\npolicies = ["mask"]\n',
+     "[plugins]: 'mask' is listed both as a privacy plugin and as a policy"),
+    ("[plugins.mask]\ndrop = []\n", "[plugins.mask]: parameters for a plugin that is not listed"),
+    ("[plugins]\nmask = 1\n", ("[plugins].mask: unknown key; known: privacy, policies, and a "
+                                "[plugins.<name>] table per listed plugin")),
 ])
 def test_bad_config_names_file_and_key(tmp_path: Path, text: str, message: str) -> None:
     """Every mistake raises ConfigError naming the file and what is wrong."""

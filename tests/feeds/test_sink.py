@@ -69,6 +69,36 @@ def test_decode_keeps_good_events_and_names_what_is_bad(decoder: EventDecoder) -
     assert rejected[0][0] == b"\xff not json"
 
 
+def test_decode_passes_the_events_through_the_privacy_plugins(decoder: EventDecoder) -> None:
+    """Decoded events come out as the privacy step returns them; rejections as they were."""
+    seen: list[list[str]] = []
+
+    def privacy(events: Any) -> list[Any]:
+        seen.append([e.id for e in events])
+        return [e for e in events if e.id != "e-2"]
+
+    sink = FeedSink(None, decoder, Path("/nonexistent/events.db"), privacy=privacy)
+    good = [{"type": "click", "id": f"e-{n}", "user": "u-1", "item": "i-1",
+             "ts": 1764250001.0} for n in (1, 2)]  # fmt: skip
+    events, rejected = sink.decode(json.dumps([*good, {"type": "click", "id": "e-3"}]).encode())
+    assert (["e-1"], [["e-1", "e-2"]]) == ([e.id for e in events], seen)
+    assert 1 == len(rejected)
+
+
+def test_a_failing_privacy_plugin_dead_letters_the_payload(decoder: EventDecoder) -> None:
+    """Events a privacy plugin failed on are never returned: the payload is a dead letter."""
+
+    def privacy(events: Any) -> list[Any]:
+        raise RuntimeError(len(events))
+
+    sink = FeedSink(None, decoder, Path("/nonexistent/events.db"), privacy=privacy)
+    payload = json.dumps({"type": "click", "id": "e-1", "user": "u", "item": "i",
+                          "ts": 1764250001.0}).encode()  # fmt: skip
+    assert ([], [(payload, "privacy: a privacy plugin failed (RuntimeError)")]) == sink.decode(
+        payload
+    )
+
+
 async def test_append_waits_while_the_writer_is_behind(store: Store, make_event: Any) -> None:
     """A full writer queue makes append wait (the feed pauses), not fail or drop."""
     release = threading.Event()
