@@ -37,7 +37,7 @@ import math
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -47,6 +47,7 @@ from daemon.candidates import Catalog
 from daemon.protocol import Rank
 from eventstore import State
 from kernels.runtime import Ranker
+from plugins.base import PolicyInput, RankingPolicy
 
 __all__ = ["FEATURES", "RankedList", "Ranking"]
 
@@ -73,6 +74,8 @@ class _Batch:
     rows: np.ndarray  # int32 [T], state rows, -1 unknown
     models: np.ndarray  # int32 [T], model indices, 0 unknown
     features: np.ndarray  # float32 [T, F]
+    state: State | None = None  # what the batch was prepared on (the ranking policies read it)
+    now: float = 0.0  # the time the features were computed for
 
 
 _NO_TABLE = np.zeros((1, 1), np.float32)
@@ -88,6 +91,8 @@ class Ranking:
         vocabulary: the model's item ids; item ``vocabulary[i]`` has model index i + 1.
         weights: one weight per name in `FEATURES`.
         clock: seconds since the epoch (injectable for tests).
+        policies: the ranking policies, run in order on every answer (see
+            :meth:`_apply_policies`); replace the attribute to change them.
     """
 
     def __init__(
@@ -98,9 +103,11 @@ class Ranking:
         vocabulary: Sequence[str] = (),
         weights: Sequence[float] = (0.5, 1.0, 0.2),
         clock: Callable[[], float] = time.time,
+        policies: Sequence[RankingPolicy] = (),
     ) -> None:
         self._state_of = state_of
         self.ranker = ranker
+        self.policies: tuple[RankingPolicy, ...] = tuple(policies)
         self._vocabulary = vocabulary
         self._catalog = Catalog(vocabulary)
         self.weights = np.asarray(weights, np.float32)
@@ -247,9 +254,10 @@ class Ranking:
         # arrays fetched after the catalogue's sync: they are at least as long as the rows it knows
         columns = (state.array(n) for n in ("pop", "pop_ts", "created_at", "category",
                                             "cat_idx", "cat_w", "cat_ts"))  # fmt: skip
-        features_batch(rows, offsets, user_rows, *columns, state.K, self._now(state, rows),
+        now = self._now(state, rows)
+        features_batch(rows, offsets, user_rows, *columns, state.K, now,
                        state.config.half_life_s, features)  # fmt: skip
-        return _Batch(requests, offsets, user_rows, rows, models, features)
+        return _Batch(requests, offsets, user_rows, rows, models, features, state, now)
 
     # --------------------------------------------------------------- vectors
 
@@ -310,7 +318,9 @@ class Ranking:
         else:
             table = self.ranker.item_table
         total = len(batch.rows)
-        ks = np.fromiter((r.k or total for r in batch.requests), np.int64, b)
+        # the policies see every candidate: the request's k applies after them
+        ks = np.fromiter((total if self.policies else r.k or total for r in batch.requests),
+                         np.int64, b)  # fmt: skip
         scores = np.empty(total, np.float32)
         order = np.empty(total, np.int64)
         counts = np.empty(b, np.int64)
@@ -348,10 +358,10 @@ class Ranking:
             n = int(sizes[k])
             scores = scored.scores[k, :n]
             top = scored.top_idx[k]
-            if request.k is not None and request.k <= len(top):
+            if request.k is not None and request.k <= len(top) and not self.policies:
                 order = top[: request.k][top[: request.k] >= 0]  # same order as a stable sort
             else:
-                order = np.argsort(-scores, kind="stable")[: request.k]
+                order = np.argsort(-scores, kind="stable")[: None if self.policies else request.k]
             out.append(self._answer(batch, k, scores, order, has_vector=bool(has_vector[k])))
         return out
 
@@ -359,6 +369,8 @@ class Ranking:
         self, batch: _Batch, k: int, scores: np.ndarray, order: np.ndarray, *, has_vector: bool
     ) -> RankedList:
         request = batch.requests[k]
+        if self.policies:
+            return self._apply_policies(batch, k, scores, order, has_vector=has_vector)
         items = request.candidates.pick(order)
         explain = None
         if request.explained:
@@ -370,6 +382,54 @@ class Ranking:
         source = "model" if has_vector else "features"
         rounded = scores[order].astype(np.float64).round(6).tolist()
         return RankedList(items, rounded, explain, source)
+
+    def _apply_policies(
+        self, batch: _Batch, k: int, scores: np.ndarray, order: np.ndarray, *, has_vector: bool
+    ) -> RankedList:
+        """
+        Run the ranking policies, in order, on the model's full order; then cut to k.
+
+        Each policy sees the previous one's items, scores and embeddings; its explain
+        entries are merged into each item's, after the model's own parts.
+        """
+        request = batch.requests[k]
+        assert batch.state is not None
+        t0 = int(batch.offsets[k])
+        picked = t0 + order  # positions in the batch's flat arrays, best first
+        ranker = self.ranker
+        embeddings = (ranker.item_table[batch.models[picked]]
+                      if ranker is not None and has_vector else None)  # fmt: skip
+        items = request.candidates.pick(order)
+        policy_in = PolicyInput(
+            user=request.user, user_row=int(batch.user_rows[k]), items=items,
+            scores=scores[order].astype(np.float32), rows=batch.rows[picked].astype(np.int64),
+            state=batch.state, k=request.k or len(items),
+            context={**(request.context or {}), "now": batch.now}, embeddings=embeddings,
+        )  # fmt: skip
+        notes: list[dict[str, Any]] = [{} for _ in items]
+        for policy in self.policies:
+            out = policy.apply(policy_in)
+            kept = np.asarray(out.order, np.int64)
+            notes = [{**notes[i], **entry} for i, entry in zip(kept.tolist(), out.explain,
+                                                               strict=True)]  # fmt: skip
+            picked = picked[kept]
+            policy_in = replace(
+                policy_in, items=[policy_in.items[i] for i in kept.tolist()],
+                scores=np.asarray(out.scores, np.float32), rows=policy_in.rows[kept],
+                embeddings=None if policy_in.embeddings is None else policy_in.embeddings[kept],
+            )  # fmt: skip
+        cut = request.k if request.k is not None else len(policy_in.items)
+        final_scores = policy_in.scores[:cut].astype(np.float64).round(6).tolist()
+        explain = None
+        if request.explained:
+            explain = [
+                {**self._explain_one(batch, int(t), float(scores[int(t) - t0]),
+                                     has_vector=has_vector),
+                 "policies": notes[j], "position": j}
+                for j, t in enumerate(picked[:cut].tolist())
+            ]  # fmt: skip
+        source = "model" if has_vector else "features"
+        return RankedList(list(policy_in.items[:cut]), final_scores, explain, source)
 
     def _explain_one(
         self, batch: _Batch, t: int, score: float, *, has_vector: bool

@@ -216,8 +216,9 @@ class Service:
         store = self.store
         self.ranking = Ranking(
             lambda: store.state, ranker=self.model.ranker, vocabulary=self.model.vocabulary,
-            weights=_feature_weights(self.config),
+            weights=_feature_weights(self.config), policies=self.plugins.policies,
         )  # fmt: skip
+        self._warm_policies()
         self.batcher = _Batcher(
             self.ranking, self.kernel_thread, self.config.ranking.max_batch, self.metrics
         )
@@ -229,6 +230,15 @@ class Service:
         if self.config.metrics.listen:
             host, port = self.metrics.serve(self.config.metrics.listen)
             _log.info("metrics_serving", address=f"{host}:{port}")
+
+    def _warm_policies(self) -> None:
+        """Compile what the policies compile (MMR's kernel) now, not on a request."""
+        ranker = self.model.ranker
+        for policy in self.plugins.policies:
+            warm_up = getattr(policy, "warm_up", None)
+            if warm_up is not None and ranker is not None:
+                warm_up(ranker.config.dim, max_candidates=self.config.server.max_candidates,
+                        k=min(20, self.config.server.max_candidates))  # fmt: skip
 
     def user_id(self, user: str) -> str:
         """The id ``user`` is stored under: mapped by each privacy plugin in order."""
@@ -400,6 +410,8 @@ class Service:
         assert self.ranking is not None
         self.ranking.replace_model(model.ranker, model.vocabulary, _feature_weights(config))
         self.config, self.model, self.plugins = config, model, plugins
+        self.ranking.policies = plugins.policies  # read once per answer: a plain swap
+        await asyncio.to_thread(self._warm_policies)
         _log_plugins(plugins)
         _log.info("reloaded", model=model.source)
 
@@ -689,12 +701,9 @@ def _load_model(config: Config) -> _Model:
 
 
 def _log_plugins(plugins: Plugins) -> None:
-    """Say which plugins run (policies are built and checked, not yet applied to answers)."""
+    """Say which plugins run, in order."""
     policies = [p.name for p in plugins.policies]
     _log.info("plugins_loaded", privacy=plugins.privacy.names, policies=policies)
-    if policies:
-        _log.warning("ranking_policies_not_applied", policies=policies,
-                     reason="the ranking path does not run policies yet; they are only checked")
 
 
 def _make_feeds(config: Config, sink: FeedSink) -> list[Any]:
