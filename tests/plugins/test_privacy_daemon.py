@@ -310,3 +310,75 @@ def test_a_start_with_another_key_is_refused(start: Callable[..., Daemon],
     output = (tmp_path / "daemon.log").read_text()
     assert 1 == code
     assert "the privacy plugins map user ids otherwise than when this log was written" in output
+
+
+@pytest.mark.brokers
+def test_forget_through_mqtt_and_kafka_leaves_no_trace_and_survives_a_replay(
+    mqtt_broker: MqttBroker, kafka_broker: KafkaBroker, start: Callable[..., Daemon]
+) -> None:
+    """
+    A ``forget`` event by raw id from MQTT (for one user) and from Kafka (for another)
+    erases each as the socket's does: no row, no byte of the pseudonym, the raw id or
+    the event ids in any file. A replay of their whole history through the feeds, and
+    newer events, are refused by the tombstones, also after a restart.
+    """
+    dave, erin = "dave@example.com", "erin@example.com"
+    topic, client_id = unique_name("events"), unique_name("rerankd")
+    # one partition: a record after erin's on the topic is read after it
+    asyncio.run(kafka_broker.create_topic(topic, partitions=1))
+
+    def config(group: str) -> str:
+        return (f'[mqtt]\nurl = "mqtt://{mqtt_broker.bootstrap}"\ntopics = ["{topic}"]\n'
+                f'client_id = "{client_id}"\nreconnect_min_s = 0.1\n'
+                f'[kafka]\nbootstrap = "{kafka_broker.bootstrap}"\ntopics = ["{topic}"]\n'
+                f'group_id = "{group}"\ninstance_id = "{group}-a"\n'
+                "session_timeout_s = 15.0\n")  # fmt: skip
+
+    def send_mqtt(events: list[dict[str, Any]]) -> None:
+        payloads = [json.dumps(e).encode() for e in events]
+        assert len(payloads) == asyncio.run(
+            mqtt_publish(f"mqtt://{mqtt_broker.bootstrap}", topic, payloads))  # fmt: skip
+
+    def send_kafka(events: list[dict[str, Any]]) -> None:
+        payloads = [json.dumps(e).encode() for e in events]
+        assert len(payloads) == asyncio.run(kafka_publish(kafka_broker.bootstrap, topic, payloads))
+
+    def forget(eid: str, user: str) -> dict[str, Any]:
+        return {"id": eid, "type": "forget", "user": user, "ts": NOW - 30}
+
+    group = unique_name("group")
+    daemon = start(config(group))
+    wait_until(lambda: feed_connected(daemon, "mqtt"), bool)
+    dave_history = [event(f"dave-evt-{n}", "click", dave, "shoe-1") for n in range(5)]
+    erin_history = [event(f"erin-evt-{n}", "click", erin, "hat-1") for n in range(5)]
+    send_mqtt(dave_history)
+    send_kafka(erin_history)
+    with daemon.client() as client:
+        client.request("ingest", events=[event("keep-1", "view", BOB, "hat-1")])
+    for user in (dave, erin):
+        wait_until(lambda u=user: user_view(daemon, u), lambda v: v and len(v["recent"]) == 5)
+    send_mqtt([forget("forget-dave", dave)])
+    send_kafka([forget("forget-erin", erin)])
+    for user in (dave, erin):
+        wait_until(lambda u=user: user_view(daemon, u), lambda v: v is None)
+    # a replay: each feed delivers the user's whole history again, and a newer event,
+    # then a sentinel of another user (what comes after it on the feed is in the log)
+    send_mqtt([*dave_history, event("dave-late", "click", dave, "shoe-2"),
+               event("bob-late-m", "view", BOB, "shoe-2")])  # fmt: skip
+    send_kafka([*erin_history, event("erin-late", "click", erin, "shoe-2"),
+                event("bob-late-k", "view", BOB, "shoe-2")])  # fmt: skip
+    sentinels = "SELECT count(*) FROM events WHERE id IN ('bob-late-m', 'bob-late-k')"
+    wait_until(lambda: query(daemon, sentinels)[0][0], lambda n: n == 2)
+    assert 0 == daemon.stop()
+
+    replay = start(config(group))  # and a restart: the state rebuilt from what is stored
+    views = (user_view(replay, dave), user_view(replay, erin))
+    assert 0 == replay.stop()
+
+    pseudos = [pseudonym(replay, u) for u in (dave, erin)]
+    rows = query(replay, "SELECT count(*) FROM events WHERE user IN (?, ?)", *pseudos)[0][0]
+    assert (None, None) == views
+    assert 0 == rows
+    needles = [*(p.encode() for p in pseudos), dave.encode(), erin.encode(), b"dave-evt-",
+               b"erin-evt-", b"dave-late", b"erin-late"]  # fmt: skip
+    assert {} == files_holding(replay.tmp, needles)
