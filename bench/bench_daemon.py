@@ -277,6 +277,11 @@ def verdicts(r: dict[str, Any]) -> list[dict[str, str]]:
         (">= 5,000 rank/s at 32 connections", r["rank"][32]["per_s"], 5000.0, "ge"),
         ("event visible to rank within 10 ms p99", r["event_to_visible"]["p99_ms"], 10.0, "le"),
     ]  # fmt: skip
+    return judge(checks)
+
+
+def judge(checks: list[tuple[str, float, float, str]]) -> list[dict[str, str]]:
+    """Each ``(target, measured, bound, "le" | "ge")`` as MET or MISSED."""
     out = []
     for name, value, bound, how in checks:
         met = value <= bound if how == "le" else value >= bound
@@ -298,16 +303,21 @@ def main() -> None:
             proc.terminate()
             proc.wait(timeout=60)
     results["targets"] = verdicts(results)
+    write_results(results, "daemon", quick=args.quick)
+
+
+def write_results(results: dict[str, Any], name: str, *, quick: bool) -> None:
+    """Add the machine, print the verdicts, write ``bench/out/<name>.json``."""
     results["machine"] = {
         "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-        "python": platform.python_version(), "quick": args.quick,
+        "python": platform.python_version(), "quick": quick,
         "git_commit": subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT,  # noqa: S607
                                      capture_output=True, text=True, check=False).stdout.strip(),
     }  # fmt: skip
     for t in results["targets"]:
         print(f"{t['verdict']:>6}  {t['target']}: {t['measured']}")
-    out = ROOT / "bench" / "out" / "daemon.json"
+    out = ROOT / "bench" / "out" / f"{name}.json"
     out.parent.mkdir(exist_ok=True)
     out.write_text(json.dumps(results, indent=2))
     print(f"wrote {out}")

@@ -28,10 +28,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import datetime as dt
-import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -46,7 +43,16 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "bench"), str(ROOT / "tests")]
 
-from bench_daemon import N_ITEMS, N_USERS, Conn, make_model, start_daemon, summarize  # noqa: E402
+from bench_daemon import (  # noqa: E402
+    N_ITEMS,
+    N_USERS,
+    Conn,
+    judge,
+    make_model,
+    start_daemon,
+    summarize,
+    write_results,
+)  # fmt: skip
 from brokers import KafkaBroker, MqttBroker, free_ports  # noqa: E402
 
 STREAM_RATE = 1000  # events/s behind the latency probes
@@ -325,11 +331,7 @@ def verdicts(r: dict[str, Any]) -> list[dict[str, str]]:
         ("MQTT event to visible p99 <= 20 ms", r["mqtt"]["event_to_visible"]["p99_ms"],
          20.0, "le"),
     ]  # fmt: skip
-    out = []
-    for name, value, bound, how in checks:
-        met = value <= bound if how == "le" else value >= bound
-        out.append({"target": name, "measured": str(value), "verdict": "MET" if met else "MISSED"})
-    return out
+    return judge(checks)
 
 
 async def run_all(tmp: Path, quick: bool) -> dict[str, Any]:  # noqa: FBT001
@@ -363,19 +365,7 @@ def main() -> None:
         make_model(tmp / "model.safetensors")
         results = asyncio.run(run_all(tmp, args.quick))
     results["targets"] = verdicts(results)
-    results["machine"] = {
-        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-        "python": platform.python_version(), "quick": args.quick,
-        "git_commit": subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT,  # noqa: S607
-                                     capture_output=True, text=True, check=False).stdout.strip(),
-    }  # fmt: skip
-    for t in results["targets"]:
-        print(f"{t['verdict']:>6}  {t['target']}: {t['measured']}")
-    out = ROOT / "bench" / "out" / "feeds.json"
-    out.parent.mkdir(exist_ok=True)
-    out.write_text(json.dumps(results, indent=2))
-    print(f"wrote {out}")
+    write_results(results, "feeds", quick=args.quick)
 
 
 if __name__ == "__main__":
