@@ -13,15 +13,27 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from daemon.client import Client
 
-__all__ = ["ROOT", "Daemon"]
+__all__ = ["ROOT", "Daemon", "poll"]
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def poll(read: Callable[[], Any], done: Callable[[Any], bool], timeout_s: float = 120.0) -> Any:
+    """``read()`` every 0.1 s until ``done(value)`` or the timeout; the last value."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = read()
+        if done(value) or time.monotonic() > deadline:
+            return value
+        time.sleep(0.1)
 
 
 class Daemon:

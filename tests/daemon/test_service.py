@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from daemons import poll
 
 from daemon.client import Client, RequestFailedError
 
@@ -294,16 +295,6 @@ def _impressions_of(client: Client, user: str) -> int:
         return 0
 
 
-def _poll(read: Any, done: Any, timeout_s: float = 120.0) -> Any:
-    """``read()`` until ``done(value)``, or fail with the last value."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = read()
-        if done(value) or time.monotonic() > deadline:
-            return value
-        time.sleep(0.1)
-
-
 def test_vectors_are_refreshed_off_the_request_path(start: Any, model_file: Path) -> None:
     """
     A ranked user's new events re-encode the cached vector in the background, so the
@@ -317,7 +308,7 @@ def test_vectors_are_refreshed_off_the_request_path(start: Any, model_file: Path
         history = [_event(n, "view", user="fresh", item=f"m{n}") for n in (3, 4, 5)]
         history += [_event(10 + n, "view", user="idle", item=f"m{n}") for n in (3, 4, 5)]
         client.request("ingest", events=history)
-        cache = _poll(lambda: client.request("stats")["vector_cache"],
+        cache = poll(lambda: client.request("stats")["vector_cache"],
                       lambda c: c["refreshed"] >= 1, timeout_s=30)  # fmt: skip
         assert cache["refreshed"] == 1  # "fresh" only: "idle" has no cached vector
         ranked = client.request("rank", user="fresh", candidates=["m1", "m6", "m9"])
@@ -345,7 +336,7 @@ def test_first_start_without_a_model_trains_one_from_the_log(start: Any) -> None
     config = "[ranking]\ntrain_max_seconds = 20.0\n"
     daemon = start(config)
     log = daemon.tmp / "daemon.log"
-    skipped = _poll(log.read_text, lambda text: "model_training_skipped" in text, timeout_s=60)
+    skipped = poll(log.read_text, lambda text: "model_training_skipped" in text, timeout_s=60)
     assert "too little data" in skipped
     with daemon.client() as client:
         client.request("ingest", events=_cycle_views(users=60, length=12, items=20))
@@ -354,7 +345,7 @@ def test_first_start_without_a_model_trains_one_from_the_log(start: Any) -> None
 
     daemon = start(config)
     with daemon.client() as client:
-        model = _poll(lambda: client.request("stats")["model"], lambda m: m != "none",
+        model = poll(lambda: client.request("stats")["model"], lambda m: m != "none",
                       timeout_s=240)  # fmt: skip
         assert model.endswith("model.safetensors")
         ranked = client.request("rank", user="cyc-0", candidates=["c3", "c15", "c12", "c7"])

@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 from brokers import MqttBroker, free_ports, unique_name
-from daemons import Daemon
+from daemons import Daemon, poll
 
 from daemon.feeds.mqtt import publish
 
@@ -95,15 +95,9 @@ def log_dead_letters(daemon: Daemon) -> list[tuple[str, bytes, str]]:
         return [(source, bytes(raw), reason) for source, raw, reason in rows]
 
 
-def wait_until(read: Callable[[], Any], done: Callable[[Any], bool],
-               timeout_s: float = CATCH_UP_S) -> Any:  # fmt: skip
-    """``read()`` until ``done(value)`` or the timeout; the last value."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = read()
-        if done(value) or time.monotonic() > deadline:
-            return value
-        time.sleep(0.1)
+def wait_until(read: Callable[[], Any], done: Callable[[Any], bool]) -> Any:
+    """``read()`` until ``done(value)`` or CATCH_UP_S; the last value."""
+    return poll(read, done, CATCH_UP_S)
 
 
 def feed_stats(daemon: Daemon) -> dict[str, Any]:

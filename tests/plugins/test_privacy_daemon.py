@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 from brokers import KafkaBroker, MqttBroker, free_ports, unique_name
-from daemons import Daemon
+from daemons import Daemon, poll
 
 from daemon.client import RequestFailedError
 from daemon.feeds.kafka import publish as kafka_publish
@@ -87,14 +87,10 @@ def user_view(daemon: Daemon, user: str) -> dict[str, Any] | None:
 def wait_until(read: Callable[[], Any], done: Callable[[Any], bool],
                timeout_s: float = TIMEOUT_S) -> Any:  # fmt: skip
     """``read()`` until ``done(value)``; fails with the last value after the timeout."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = read()
-        if done(value):
-            return value
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out; last value: {value!r}")
-        time.sleep(0.1)
+    value = poll(read, done, timeout_s)
+    if not done(value):
+        pytest.fail(f"timed out; last value: {value!r}")
+    return value
 
 
 def interactions(view: dict[str, Any] | None) -> set[str]:
