@@ -1,9 +1,8 @@
 """
-Shared pieces of the built-in ranking policies: parameter checks, state reads, outputs.
+Shared pieces of the built-in ranking policies: state reads, outputs, parameter checks.
 
-Parameter checks raise :class:`plugins.base.PluginError` with a message of the form
-``[plugins.<name>].<key>: <rule>, got <value>``, so an operator can find the line in
-the TOML file. They never echo more than a short prefix of a value.
+The parameter checks are :mod:`plugins.params`' (shared with the privacy plugins),
+re-exported here for the policies.
 
 Scores carried by position. A policy that moves items without computing new scores of
 its own (MMR, exploration, business rules) gives position p the p-th best of the
@@ -16,12 +15,13 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Collection, Mapping
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, Final
 
 import numpy as np
 
-from plugins.base import PluginError, PolicyInput, PolicyOutput
+from plugins.base import PolicyInput, PolicyOutput
+from plugins.params import check_bool, check_number, check_unknown, param_error
 
 if TYPE_CHECKING:
     from eventstore.state import State
@@ -39,93 +39,7 @@ __all__ = [
     "param_error",
 ]
 
-_MAX_REPR: Final = 60
 _EMPTY: Final[Mapping[str, Any]] = {}
-
-
-# --- parameter checks ------------------------------------------------------------
-
-
-def param_error(policy: str, key: str, rule: str, value: Any = ...) -> PluginError:
-    """
-    The error for ``[plugins.<policy>].<key>`` breaking ``rule``.
-
-    Args:
-        policy: the policy's name (its config table).
-        key: the offending key, with any sub-path (``boost[0].by``).
-        rule: what the value must be, e.g. ``"must be between 0 and 1"``.
-        value: the value given; left out of the message when ``...``.
-    """
-    got = "" if value is ... else f", got {_short(value)}"
-    return PluginError(f"[plugins.{policy}].{key}: {rule}{got}")
-
-
-def _short(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= _MAX_REPR else text[: _MAX_REPR - 3] + "..."
-
-
-def check_unknown(policy: str, unknown: Mapping[str, Any], known: Collection[str]) -> None:
-    """
-    Raise for the first key of ``unknown`` (keys the constructor did not take).
-
-    Raises:
-        PluginError: naming the key and listing the known ones.
-    """
-    for key in sorted(unknown):
-        rule = f"unknown key; known: {', '.join(sorted(known))}"
-        raise param_error(policy, key, rule)
-
-
-def check_number(
-    policy: str,
-    key: str,
-    value: Any,
-    *,
-    lo: float | None = None,
-    hi: float | None = None,
-    lo_open: bool = False,
-    integer: bool = False,
-) -> float:
-    """
-    ``value`` as a number within ``[lo, hi]`` (``(lo, hi]`` with ``lo_open``).
-
-    Raises:
-        PluginError: the value is not a (finite, integral when ``integer``) number or
-            lies outside the bounds.
-    """
-    kinds = (int,) if integer else (int, float)
-    if isinstance(value, bool) or not isinstance(value, kinds):
-        raise param_error(
-            policy, key, "must be an integer" if integer else "must be a number", value
-        )
-    if not math.isfinite(value):
-        raise param_error(policy, key, "must be finite", value)
-    below = lo is not None and (value <= lo if lo_open else value < lo)
-    above = hi is not None and value > hi
-    if below or above:
-        raise param_error(policy, key, _bounds_rule(lo, hi, lo_open=lo_open), value)
-    return value
-
-
-def _bounds_rule(lo: float | None, hi: float | None, *, lo_open: bool) -> str:
-    if lo is not None and hi is not None:
-        return f"must be between {lo:g} and {hi:g}" + (f" (above {lo:g})" if lo_open else "")
-    if lo is not None:
-        return f"must be {'>' if lo_open else '>='} {lo:g}"
-    return f"must be <= {hi:g}"
-
-
-def check_bool(policy: str, key: str, value: Any) -> bool:
-    """
-    ``value`` as a bool.
-
-    Raises:
-        PluginError: the value is not ``true`` or ``false``.
-    """
-    if not isinstance(value, bool):
-        raise param_error(policy, key, "must be true or false", value)
-    return value
 
 
 # --- reading the state -------------------------------------------------------------

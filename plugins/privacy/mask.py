@@ -51,7 +51,7 @@ from typing import Any, ClassVar, Final
 import msgspec
 
 from eventstore.schema import Event, Interaction, ItemsShown, ItemUpdated
-from plugins.privacy._params import check_str, check_str_list, param_error
+from plugins.params import check_str, check_str_list, param_error
 
 __all__ = ["BUILTIN_PATTERNS", "DEFAULT_MARKER", "Mask"]
 

@@ -48,7 +48,7 @@ import structlog
 from eventstore.schema import Event
 from plugins.base import PluginError
 from plugins.context import PluginContext
-from plugins.privacy._params import check_bool, check_int, check_str, param_error
+from plugins.params import check_bool, check_int, check_str, param_error
 
 __all__ = [
     "DEFAULT_CREDENTIAL",
