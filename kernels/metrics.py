@@ -1,5 +1,5 @@
 """
-Ranking metrics for one relevant item per list: rank, HR@k, NDCG@k, MRR.
+Ranking metrics: rank, HR@k, NDCG@k and MRR of one relevant item per list; ILD@k.
 
 Every function is pure and un-jitted (callers ``jax.jit`` at the boundary, with
 ``k`` in ``static_argnames``), works on ``scores`` of shape ``[..., list_size]``
@@ -30,6 +30,12 @@ Rows without a valid target.
     mean: pass ``row_where=target_is_valid(target_index, where=where)`` to
     :func:`mean_over_valid_rows`.
 
+Intra-list diversity.
+    :func:`intra_list_diversity` needs no target: it reads the items' features
+    (embeddings, or category indicator rows) in rank order, ``[..., list_size, dim]``,
+    and the pairwise distance is injected (:func:`cosine_distances`,
+    :func:`jaccard_distances`, or any ``[..., n, dim] -> [..., n, n]`` function).
+
 Evaluation protocols
 --------------------
 Sampled negatives (SASRec's "sampled-100").
@@ -58,19 +64,29 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import jax.numpy as jnp
+from jax import lax
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from jax import Array
     from jax.typing import ArrayLike
 
 __all__ = [
+    "cosine_distances",
     "hit_rate_metric",
+    "intra_list_diversity",
+    "jaccard_distances",
     "mean_over_valid_rows",
     "mrr_metric",
     "ndcg_metric",
     "rank_of_target",
     "target_is_valid",
 ]
+
+#: Squared norms below this square count as zero vectors (cosine similarity 0 to all),
+#: as in :func:`kernels.diversity.mmr_select`.
+_NORM_EPS = 1e-12
 
 
 def _check_shapes(scores: Array, target_index: Array, where: Array | None) -> None:
@@ -282,3 +298,120 @@ def mean_over_valid_rows(values: ArrayLike, *, row_where: ArrayLike | None = Non
     total = jnp.sum(jnp.where(row_where, values, 0.0))
     count = jnp.sum(row_where, dtype=jnp.int32)
     return jnp.where(count > 0, total / jnp.maximum(count, 1), 0.0)
+
+
+# ----------------------------------------------------------------------------- diversity
+
+
+def cosine_distances(features: ArrayLike) -> Array:
+    r"""
+    Pairwise cosine distance between the rows of each list.
+
+    ``D[..., i, j] = 1 - <x_i, x_j> / (|x_i| |x_j|)``, clipped to ``[0, 2]``; an all-zero
+    row has cosine 0 to every row (itself included), so distance 1, as in
+    :func:`kernels.diversity.mmr_select`.
+
+    Args:
+        features: float ``[..., n, dim]``, e.g. the item embeddings of a ranked list.
+
+    Returns:
+        float32 ``[..., n, n]``, symmetric.
+
+    """
+    x = jnp.asarray(features, jnp.float32)
+    sq = jnp.sum(x * x, axis=-1, keepdims=True)
+    # rsqrt of a floored square keeps value and gradient finite for zero rows
+    unit = x * lax.rsqrt(jnp.maximum(sq, _NORM_EPS * _NORM_EPS))
+    cos = jnp.einsum("...id,...jd->...ij", unit, unit)
+    return jnp.clip(1.0 - cos, 0.0, 2.0)
+
+
+def jaccard_distances(features: ArrayLike) -> Array:
+    r"""
+    Pairwise Jaccard distance between the sets that indicator rows encode.
+
+    Row ``i`` is the set ``A_i = {c : x_{i,c} != 0}`` (e.g. multi-hot genre flags);
+    ``D[..., i, j] = 1 - |A_i \cap A_j| / |A_i \cup A_j|``, and 0 when both sets are
+    empty (two items without categories are not told apart). With one-hot rows (one
+    category per item) this is the categorical distance: 0 for the same category, 1
+    for different ones.
+
+    Args:
+        features: ``[..., n, num_categories]``, non-zero where the item has the
+            category (any numeric or bool dtype).
+
+    Returns:
+        float32 ``[..., n, n]`` in ``[0, 1]``, symmetric.
+
+    """
+    member = (jnp.asarray(features) != 0).astype(jnp.float32)
+    inter = jnp.einsum("...ic,...jc->...ij", member, member)
+    size = jnp.sum(member, axis=-1)
+    union = size[..., :, None] + size[..., None, :] - inter
+    return jnp.where(union > 0, 1.0 - inter / jnp.maximum(union, 1.0), 0.0)
+
+
+def intra_list_diversity(
+    features: ArrayLike,
+    *,
+    k: int,
+    where: ArrayLike | None = None,
+    distance_fn: Callable[[Array], Array] = cosine_distances,
+) -> Array:
+    r"""
+    ILD@k per list: the mean pairwise distance among the list's top ``k`` items.
+
+    With ``P`` the valid positions among the first ``k`` (``p < k`` and ``where[p]``)
+    and ``n = |P|``,
+
+    .. math::
+
+        \mathrm{ILD@k} = \frac{2}{n (n - 1)} \sum_{i < j;\; i, j \in P} d(x_i, x_j)
+
+    and 0 when ``n < 2`` (one item has no pair), never NaN. The list is taken in the
+    order given (rank order: position 0 is the top), so pass the features of the
+    items *as ranked*, e.g. ``embeddings[order]``.
+
+    Args:
+        features: ``[..., list_size, dim]`` per-item features in rank order: item
+            embeddings for :func:`cosine_distances`, category indicator rows for
+            :func:`jaccard_distances`.
+        k: static cutoff, a positive int; lists shorter than ``k`` use all positions.
+        where: optional bool ``[..., list_size]``, True at real items (False at
+            padding); masked positions never influence the result, whatever their
+            features (NaN included).
+        distance_fn: ``[..., n, dim] -> [..., n, n]`` pairwise distances; only the
+            off-diagonal entries are read.
+
+    Returns:
+        float32 ``[...]``: one ILD@k per list; average with :func:`mean_over_valid_rows`.
+
+    Raises:
+        ValueError: at trace time, for a bad ``k`` or mismatched shapes.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> genres = jnp.array([[[1, 0], [1, 0], [0, 1]]])  # two dramas, one comedy
+        >>> ild = intra_list_diversity(genres, k=3, distance_fn=jaccard_distances)
+        >>> round(float(ild[0]), 4)  # pairs: 0, 1, 1
+        0.6667
+        >>> intra_list_diversity(genres, k=2, distance_fn=jaccard_distances).tolist()
+        [0.0]
+
+    .. versionadded:: 0.1.0
+    """
+    _check_k(k)
+    x = jnp.asarray(features)
+    if x.ndim < 2:  # a list axis and a feature axis
+        raise ValueError(f"features must be [..., list_size, dim], got shape {x.shape}")
+    valid = jnp.ones(x.shape[:-1], bool) if where is None else jnp.asarray(where, bool)
+    if valid.shape != x.shape[:-1]:
+        raise ValueError(f"where shape {valid.shape} must equal features.shape[:-1] {x.shape[:-1]}")
+    x, valid = x[..., :k, :], valid[..., :k]
+    # zero the padding first so that NaN there never reaches an arithmetic result
+    dist = distance_fn(jnp.where(valid[..., None], x, jnp.zeros((), x.dtype)))
+    n = valid.shape[-1]
+    pair = valid[..., :, None] & valid[..., None, :] & ~jnp.eye(n, dtype=bool)
+    total = jnp.sum(jnp.where(pair, dist, 0.0), axis=(-2, -1))
+    count = jnp.sum(pair, axis=(-2, -1), dtype=jnp.int32)
+    return jnp.where(count > 0, total / jnp.maximum(count, 1), 0.0).astype(jnp.float32)

@@ -16,7 +16,10 @@ from jax.typing import ArrayLike
 
 from kernels import metrics
 from kernels.metrics import (
+    cosine_distances,
     hit_rate_metric,
+    intra_list_diversity,
+    jaccard_distances,
     mean_over_valid_rows,
     mrr_metric,
     ndcg_metric,
@@ -434,3 +437,136 @@ def test_doctests_pass() -> None:
     """The module's docstring examples run and print what they claim."""
     result = doctest.testmod(metrics)
     assert (0, True) == (result.failed, result.attempted > 0)
+
+
+# ------------------------------------------------------------------ intra-list diversity
+
+R2 = 1 / math.sqrt(2)  # cosine of 45 degrees
+
+COSINE_ILD_TABLE = [
+    # (embeddings in rank order, k, where, expected ILD@k)
+    pytest.param([[1, 0], [0, 1]], 2, None, 1.0, id="orthogonal"),
+    pytest.param([[1, 0], [-1, 0]], 2, None, 2.0, id="opposite"),
+    pytest.param([[1, 0], [3, 0]], 2, None, 0.0, id="same-direction-any-length"),
+    pytest.param([[1, 0], [0, 1], [1, 1]], 3, None, (1 + 2 * (1 - R2)) / 3, id="three-pairs"),
+    pytest.param([[1, 0], [1, 0], [0, 1]], 2, None, 0.0, id="k-cuts-the-list"),
+    pytest.param([[1, 0], [0, 1]], 10, None, 1.0, id="k-beyond-the-list"),
+    pytest.param([[0, 0], [1, 0]], 2, None, 1.0, id="zero-row-has-cosine-0"),
+    pytest.param([[1, 0], [NAN, INF], [0, 1]], 3, [True, False, True], 1.0, id="mask"),
+    pytest.param([[1, 0], [1, 0], [0, 1]], 2, [True, False, True], 0.0, id="mask-inside-k"),
+    pytest.param([[1, 0]], 10, None, 0.0, id="one-item-no-pair"),
+    pytest.param([[1, 0], [0, 1]], 2, [False, False], 0.0, id="all-masked"),
+]
+
+
+@pytest.mark.parametrize(("features", "k", "where", "expected"), COSINE_ILD_TABLE)
+def test_cosine_ild_table(
+    features: list[list[float]], k: int, where: list[bool] | None, expected: float
+) -> None:
+    """ILD@k with 1 - cosine: the mean over pairs in the top k, written as arithmetic."""
+    actual = intra_list_diversity(
+        jnp.asarray([features], jnp.float32), k=k, where=None if where is None else [where]
+    )
+    np.testing.assert_allclose([expected], actual, rtol=RTOL, atol=1e-6)
+
+
+JACCARD_ILD_TABLE = [
+    # (category indicator rows in rank order, k, expected ILD@k)
+    pytest.param([[1, 0, 0], [1, 1, 0]], 2, 1 - 1 / 2, id="subset"),
+    pytest.param([[1, 0, 0], [0, 1, 0]], 2, 1.0, id="disjoint"),
+    pytest.param([[1, 1, 0], [0, 1, 1]], 2, 1 - 1 / 3, id="overlap"),
+    pytest.param([[1, 1, 0], [1, 1, 0]], 2, 0.0, id="equal-sets"),
+    pytest.param([[0, 0, 0], [0, 0, 0]], 2, 0.0, id="both-empty"),
+    pytest.param([[0, 0, 0], [1, 0, 0]], 2, 1.0, id="one-empty"),
+    pytest.param([[1, 0, 0], [1, 1, 0], [0, 1, 0]], 3, (0.5 + 1 + 0.5) / 3, id="three-pairs"),
+    # one-hot rows are single categories: distance 1 exactly when they differ
+    pytest.param([[1, 0, 0], [1, 0, 0], [0, 1, 0], [0, 0, 1]], 4, 5 / 6, id="categorical"),
+    pytest.param([[2, 0, 0], [0.5, 0, 0]], 2, 0.0, id="any-non-zero-is-a-member"),
+]
+
+
+@pytest.mark.parametrize(("features", "k", "expected"), JACCARD_ILD_TABLE)
+def test_jaccard_ild_table(features: list[list[float]], k: int, expected: float) -> None:
+    """ILD@k with 1 - Jaccard of category sets, written as arithmetic."""
+    actual = intra_list_diversity(jnp.asarray([features]), k=k, distance_fn=jaccard_distances)
+    np.testing.assert_allclose([expected], actual, rtol=RTOL, atol=1e-6)
+
+
+def test_distance_matrices_are_symmetric_with_a_zero_diagonal() -> None:
+    """Both distances are symmetric and 0 between an item and itself (non-zero rows)."""
+    rng = np.random.default_rng(0)
+    emb = jnp.asarray(rng.normal(size=(3, 5, 4)), jnp.float32)
+    sets = jnp.asarray(rng.random((3, 5, 6)) < 0.5)
+    sets = sets.at[..., 0].set(True)  # no empty set: its self-distance is 0 by definition
+    for dist in (cosine_distances(emb), jaccard_distances(sets)):
+        np.testing.assert_allclose(dist, jnp.swapaxes(dist, -1, -2), atol=1e-6)
+        np.testing.assert_allclose(np.zeros((3, 5)), jnp.diagonal(dist, 0, -2, -1), atol=1e-6)
+
+
+def test_ild_uses_the_injected_distance() -> None:
+    """Any [..., n, d] -> [..., n, n] function is a distance: a constant 3 averages to 3."""
+    actual = intra_list_diversity(
+        jnp.zeros((2, 4, 1)), k=4, distance_fn=lambda x: jnp.full((*x.shape[:-1], 4), 3.0)
+    )
+    assert [3.0, 3.0] == actual.tolist()
+
+
+def test_ild_equals_brute_force_mean_over_pairs() -> None:
+    """ILD@k equals a float64 loop over the valid pairs of the top k, list by list."""
+    rng = np.random.default_rng(1)
+    emb = rng.normal(size=(16, 12, 8)).astype(np.float32)
+    where = rng.random((16, 12)) < 0.7
+    actual = intra_list_diversity(jnp.asarray(emb), k=5, where=jnp.asarray(where))
+    expected = []
+    for x, w in zip(emb.astype(np.float64), where, strict=True):
+        top = [v / np.linalg.norm(v) for v, ok in zip(x[:5], w[:5], strict=True) if ok]
+        pairs = [1 - a @ b for i, a in enumerate(top) for b in top[i + 1 :]]
+        expected.append(np.mean(pairs) if pairs else 0.0)
+    np.testing.assert_allclose(expected, actual, rtol=1e-5, atol=1e-6)
+
+
+def test_ild_padding_never_matters() -> None:
+    """Appending masked positions (NaN features) changes no list's ILD."""
+    rng = np.random.default_rng(2)
+    emb = rng.normal(size=(4, 6, 3)).astype(np.float32)
+    padded = np.concatenate([emb, np.full((4, 3, 3), np.nan, np.float32)], axis=1)
+    where = np.concatenate([np.ones((4, 6), bool), np.zeros((4, 3), bool)], axis=1)
+    before = intra_list_diversity(jnp.asarray(emb), k=10)
+    after = intra_list_diversity(jnp.asarray(padded), k=10, where=jnp.asarray(where))
+    np.testing.assert_array_equal(before, after)
+
+
+def test_ild_jit_and_vmap_equal_eager() -> None:
+    """jit (k static) and vmap over lists give the batched eager values."""
+    rng = np.random.default_rng(3)
+    emb = jnp.asarray(rng.normal(size=(5, 7, 4)), jnp.float32)
+    eager = intra_list_diversity(emb, k=4)
+    jitted = jax.jit(intra_list_diversity, static_argnames=("k", "distance_fn"))(emb, k=4)
+    mapped = jax.vmap(lambda e: intra_list_diversity(e, k=4))(emb)
+    np.testing.assert_allclose(eager, jitted, rtol=1e-6)
+    np.testing.assert_allclose(eager, mapped, rtol=1e-6)
+
+
+def test_ild_grad_is_finite_with_zero_and_masked_rows() -> None:
+    """The gradient of cosine ILD is finite with an all-zero row and NaN padding."""
+    emb = jnp.array([[[1.0, 0.0], [0.0, 0.0], [NAN, NAN], [0.5, 0.5]]])
+    where = jnp.array([[True, True, False, True]])
+    grad = jax.grad(lambda e: intra_list_diversity(e, k=4, where=where).sum())(emb)
+    assert bool(jnp.all(jnp.isfinite(grad)))
+
+
+@pytest.mark.parametrize(
+    ("shape", "k", "where_shape", "match"),
+    [
+        ((2, 3, 4), 0, None, "k must be a positive int"),
+        ((3,), 2, None, r"features must be \[\.\.\., list_size, dim\]"),
+        ((2, 3, 4), 2, (2, 4), "where shape"),
+    ],
+)
+def test_ild_static_misuse_raises(
+    shape: tuple[int, ...], k: int, where_shape: tuple[int, ...] | None, match: str
+) -> None:
+    """A bad cutoff or mismatched shapes are rejected, naming the argument."""
+    where = None if where_shape is None else jnp.ones(where_shape, bool)
+    with pytest.raises(ValueError, match=match):
+        intra_list_diversity(jnp.ones(shape), k=k, where=where)
