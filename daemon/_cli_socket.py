@@ -36,6 +36,7 @@ __all__ = [
     "count_lines",
     "ingest",
     "read_batches",
+    "render_export",
     "render_ingest",
     "render_ranking",
     "render_stats",
@@ -407,6 +408,26 @@ def render_stats(stats: dict[str, Any]) -> str:
     flat = dict(_flatten(stats))
     width = max(map(len, flat), default=0)
     return "\n".join(f"{key:<{width}}  {value}" for key, value in flat.items())
+
+
+def render_export(answer: dict[str, Any]) -> str:
+    """
+    An ``export`` answer as a table (item, counts, popularity, CTR) and a footer.
+
+    The footer gives the page's place among all items and the noise applied, if any.
+    """
+    columns = ("impressions", "clicks", "interactions", "popularity", "ctr")
+    rows = [[item["item"], *(str(item[c]) for c in columns)] for item in answer["items"]]
+    footer = f"{len(rows)} of {answer.get('total', '?')} items"
+    if answer.get("next_offset") is not None:
+        footer += f"; the next page starts at --offset {answer['next_offset']}"
+    noise = answer.get("noise")
+    if noise:
+        footer += (f"; {noise.get('mechanism', '?')} noise, epsilon {noise.get('epsilon')}, "
+                   f"sensitivity {noise.get('sensitivity')}")  # fmt: skip
+    else:
+        footer += "; no noise"
+    return _table(["item", *columns], rows, left={0}) + "\n" + footer
 
 
 def _flatten(data: dict[str, Any], prefix: str = "") -> Iterator[tuple[str, Any]]:

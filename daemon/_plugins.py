@@ -20,11 +20,11 @@ from daemon._errors import PluginError
 from daemon.config import Config
 from eventstore import EventLog
 from plugins.base import PluginError as BasePluginError
-from plugins.base import RankingPolicy
+from plugins.base import RankingPolicy, RetentionPlugin
 from plugins.context import PluginContext
 from plugins.registry import REGISTRY, PrivacyChain, Registry
 
-__all__ = ["USER_ID_PROBE", "Plugins", "check_user_ids", "load_plugins"]
+__all__ = ["USER_ID_PROBE", "Plugins", "Retention", "check_user_ids", "load_plugins"]
 
 #: The fixed string whose stored form identifies the user-id mapping.
 USER_ID_PROBE: Final = "rerankd:user-id-probe"
@@ -43,6 +43,27 @@ class Plugins:
     def user_id_probe(self) -> str:
         """The stored form of `USER_ID_PROBE`: equal for two chains that map ids alike."""
         return self.privacy.user_id(USER_ID_PROBE)
+
+    @property
+    def retention(self) -> Retention | None:
+        """
+        What the privacy plugins ask of retention (by shape: `RetentionPlugin`), or None.
+
+        With several, the shortest age and the shortest interval.
+        """
+        asking = [p for p in self.privacy.plugins if isinstance(p, RetentionPlugin)]
+        if not asking:
+            return None
+        return Retention(min(float(p.max_age_s) for p in asking),
+                         min(float(p.sweep_interval_s) for p in asking))
+
+
+@dataclass(frozen=True, slots=True)
+class Retention:
+    """How old an event may get in the log, and how often the daemon sweeps."""
+
+    max_age_s: float
+    sweep_interval_s: float
 
 
 def load_plugins(config: Config, *, dry_run: bool = False,

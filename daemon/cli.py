@@ -1,9 +1,9 @@
 """
 The ``rerankd`` command line.
 
-``rank``, ``ingest``, ``user``, ``stats`` and ``forget`` ask the running daemon over its
-socket (``user`` and ``forget`` open the store directly with ``--offline``, for a
-stopped daemon); ``publish`` sends events to an MQTT or Kafka broker, for the daemon's
+``rank``, ``ingest``, ``user``, ``stats``, ``export`` and ``forget`` ask the running daemon
+over its socket (``user`` and ``forget`` open the store directly with ``--offline``,
+for a stopped daemon); ``publish`` sends events to an MQTT or Kafka broker, for the daemon's
 feeds; ``import``, ``summary``, ``item``, ``log`` and ``snapshot`` open the store
 directly; ``check-config`` and ``plugins`` show the configuration and the registered
 plugins. Errors become one line ``rerankd: …`` on stderr and exit status 1
@@ -37,6 +37,7 @@ from daemon._cli_socket import (
     count_lines,
     ingest,
     read_batches,
+    render_export,
     render_ingest,
     render_ranking,
     render_stats,
@@ -212,6 +213,57 @@ def summary(as_json: bool, config_path: Path | None) -> None:  # noqa: FBT001
     config = load_config(config_path)
     with _store(config) as store:
         _print_summary(store, config, as_json=as_json)
+
+
+@main.command()
+@json_option
+@config_option
+@_friendly
+def experiments(as_json: bool, config_path: Path | None) -> None:  # noqa: FBT001
+    """
+    Report every A/B test and interleaving in the log: impressions, clicks, CTR, wins.
+
+    Reads the event log (also while the daemon runs): impressions recorded by the
+    ``experiment`` policy, and clicks sent with the ranking_id of the answer.
+    """
+    from eventstore.log import EventLog  # noqa: PLC0415
+    from eventstore.store import LOG_FILE  # noqa: PLC0415
+    from plugins.policies.experiment import experiment_report  # noqa: PLC0415 - scipy
+
+    config = load_config(config_path)
+    path = config.store.data_dir / LOG_FILE
+    if not path.exists():
+        raise CliError(f"{path}: no event log here ([store].data_dir)")
+    log = EventLog(path, synchronous="NORMAL")
+    try:
+        report = experiment_report(event for _, event in log.read())
+    finally:
+        log.close()
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+        return
+    click.echo(_experiments_table(report))
+
+
+def _experiments_table(report: Mapping[str, Any]) -> str:
+    if not report["experiments"]:
+        return "no experiment in the log (impressions of the experiment policy)"
+    lines = []
+    for e in report["experiments"]:
+        lines.append(f"experiment {e['name']} ({e['mode']})")
+        for arm in e["arms"] if e["mode"] == "ab" else ():
+            lo, hi = arm["ctr_ci95"]
+            versus = arm.get("vs_first")
+            cmp = (f"  lift {versus['lift']:+.1%} p={versus['p_value']:.3g}"
+                   if versus else "  (baseline)")  # fmt: skip
+            lines.append(f"  {arm['arm']:<16} {arm['impressions']:>9,} shown {arm['clicks']:>8,} "
+                         f"clicks  CTR {arm['ctr']:.4f} [{lo:.4f}, {hi:.4f}]{cmp}")  # fmt: skip
+        if e["mode"] != "ab":
+            wins = "  ".join(f"{arm} {n:,}" for arm, n in e["wins"].items())
+            lines.append(f"  {e['impressions']:,} shown, {e['clicked']:,} with clicks: wins "
+                         f"{wins}, ties {e['ties']:,}; preference {e['preference']:+.3f} "
+                         f"p={e['p_value']:.3g}")  # fmt: skip
+    return "\n".join(lines)
 
 
 def _print_summary(store: Store, config: Config, *, as_json: bool) -> None:
@@ -455,6 +507,25 @@ def stats(*, as_json: bool, socket_path: Path | None, config_path: Path | None) 
     answer = _ask(config_path, socket_path, "stats")
     body = {k: v for k, v in answer.items() if k not in {"id", "ok"}}
     click.echo(json.dumps(body, indent=2) if as_json else render_stats(body))
+
+
+@main.command()
+@click.option("--offset", default=0, show_default=True, type=click.IntRange(min=0),
+              help="The first item row of the page.")
+@click.option("--limit", default=1000, show_default=True, type=click.IntRange(min=1),
+              help="Most items in the page (the daemon takes up to 100,000).")
+@json_option
+@socket_option
+@config_option
+@_friendly
+def export(
+    *, offset: int, limit: int, as_json: bool, socket_path: Path | None,
+    config_path: Path | None,
+) -> None:  # fmt: skip
+    """Print per-item impressions, clicks, popularity and CTR (noised with `noise` on)."""
+    answer = _ask(config_path, socket_path, "export", offset=offset, limit=limit)
+    body = {k: v for k, v in answer.items() if k not in {"id", "ok"}}
+    click.echo(json.dumps(body, indent=2) if as_json else render_export(body))
 
 
 @main.command()

@@ -59,6 +59,14 @@ class Metrics:
             "rerankd_feed_connected", "1 while a feed is connected to its broker", ["feed"],
             registry=r,
         )  # fmt: skip
+        self.retention_deleted = Counter(
+            "rerankd_retention_deleted", "Events deleted from the log by retention sweeps",
+            registry=r,
+        )  # fmt: skip
+        self.retention_failures = Counter(
+            "rerankd_retention_failures", "Retention sweeps that failed (retried at the next)",
+            registry=r,
+        )  # fmt: skip
         self._recent = np.zeros(_WINDOW, np.float64)
         self._recent_n = 0
         self._lock = threading.Lock()

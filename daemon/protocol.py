@@ -25,6 +25,8 @@ from eventstore.schema import JSON_TYPE_WORDS, split_validation_error
 
 __all__ = [
     "ERROR_CODES",
+    "EXPORT_MAX_LIMIT",
+    "Export",
     "Forget",
     "Health",
     "Ingest",
@@ -41,7 +43,7 @@ __all__ = [
 #: Every error code a response can carry, with what it means.
 ERROR_CODES: Final = {
     "bad_request": "the request is not valid JSON or breaks a rule; the message says which",
-    "unknown_op": "op is not one of rank, explain, ingest, user, forget, health, stats",
+    "unknown_op": "op is not one of rank, explain, ingest, user, forget, health, stats, export",
     "line_too_long": "the line is longer than [server].max_line_bytes; the connection closes",
     "too_many_candidates": "more candidates than [server].max_candidates",
     "busy": "the event log's writer is behind; retry after retry_after_ms",
@@ -55,6 +57,8 @@ ERROR_CODES: Final = {
 
 RequestId = int | str | None
 _ID_MAX_CHARS: Final = 128
+#: Most items one ``export`` answer holds (its ``limit``).
+EXPORT_MAX_LIMIT: Final = 100_000
 
 
 class _Base(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True, tag_field="op"):
@@ -135,9 +139,21 @@ class Stats(_Base, tag="stats"):
     """Counters, queue depths, latencies."""
 
 
-_WireRequest = _RankWire | _ExplainWire | Ingest | UserInfo | Forget | Health | Stats
-Request = Rank | Ingest | UserInfo | Forget | Health | Stats
-_OPS: Final = ("rank", "explain", "ingest", "user", "forget", "health", "stats")
+class Export(_Base, tag="export"):
+    """
+    Per-item aggregates: counts, popularity decayed to now, click-through rate.
+
+    Items ``offset`` to ``offset + limit - 1`` in the state's row order, as the privacy
+    plugins let them out (``noise``); item ids only, never a user id.
+    """
+
+    offset: int = 0
+    limit: int = 1000
+
+
+_WireRequest = _RankWire | _ExplainWire | Ingest | UserInfo | Forget | Health | Stats | Export
+Request = Rank | Ingest | UserInfo | Forget | Health | Stats | Export
+_OPS: Final = ("rank", "explain", "ingest", "user", "forget", "health", "stats", "export")
 
 
 class ProtocolError(Exception):
@@ -227,6 +243,12 @@ class RequestDecoder:
             raise ProtocolError("bad_request", f"id: longer than {_ID_MAX_CHARS} characters")
         if isinstance(request, UserInfo | Forget):
             self._check_id(request.user, "user", rid)
+        elif isinstance(request, Export):
+            if request.offset < 0:
+                raise ProtocolError("bad_request", "offset: must be at least 0", rid)
+            if not 1 <= request.limit <= EXPORT_MAX_LIMIT:
+                msg = f"limit: must be 1 to {EXPORT_MAX_LIMIT}"
+                raise ProtocolError("bad_request", msg, rid)
 
     def _rank(self, wire: _RankWire) -> Rank:
         rid = wire.id

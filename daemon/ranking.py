@@ -36,8 +36,8 @@ from __future__ import annotations
 import math
 import threading
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -48,6 +48,7 @@ from daemon.protocol import Rank
 from eventstore import State
 from kernels.runtime import Ranker
 from plugins.base import PolicyInput, RankingPolicy
+from plugins.chain import run_policies
 
 __all__ = ["FEATURES", "RankedList", "Ranking"]
 
@@ -62,6 +63,8 @@ class RankedList:
     scores: list[float]
     explain: list[dict[str, Any]] | None
     source: str  # "model" or "features": what the dot product came from
+    #: what the policies asked to store with the impression record (PolicyOutput.record)
+    record: Mapping[str, Any] = field(default_factory=dict)
 
 
 @dataclass(slots=True)
@@ -163,6 +166,18 @@ class Ranking:
             newest = max(newest, float(state.array("pop_ts")[known].max()))
             self._newest = (self._newest[0], newest)
         return min(wall, newest) if newest > 0 else wall
+
+    def popularity(self, state: State, rows: np.ndarray) -> np.ndarray:
+        """
+        float64 ``[N]``: the popularity of item rows ``rows`` decayed to now.
+
+        The value whose log1p is the ``popularity`` feature: ``pop * 2^(-max(now -
+        pop_ts, 0) / half-life)``, "now" as for ranking (`_now`). For the ``export`` op.
+        """
+        now = self._now(state, rows)
+        pop, pop_ts = state.array("pop")[rows], state.array("pop_ts")[rows]
+        age = np.maximum(now - pop_ts, 0.0)
+        return np.maximum(pop * np.exp2(-age / state.config.half_life_s), 0.0)
 
     def needs_encode(self, requests: Sequence[Rank]) -> bool:
         """Whether ranking ``requests`` must encode a user vector (none cached, or stale)."""
@@ -390,7 +405,8 @@ class Ranking:
         Run the ranking policies, in order, on the model's full order; then cut to k.
 
         Each policy sees the previous one's items, scores and embeddings; its explain
-        entries are merged into each item's, after the model's own parts.
+        entries are merged into each item's, after the model's own parts
+        (`plugins.chain.run_policies`).
         """
         request = batch.requests[k]
         assert batch.state is not None
@@ -405,31 +421,23 @@ class Ranking:
             scores=scores[order].astype(np.float32), rows=batch.rows[picked].astype(np.int64),
             state=batch.state, k=request.k or len(items),
             context={**(request.context or {}), "now": batch.now}, embeddings=embeddings,
+            features=batch.features[picked] @ self.weights,
         )  # fmt: skip
-        notes: list[dict[str, Any]] = [{} for _ in items]
-        for policy in self.policies:
-            out = policy.apply(policy_in)
-            kept = np.asarray(out.order, np.int64)
-            notes = [{**notes[i], **entry} for i, entry in zip(kept.tolist(), out.explain,
-                                                               strict=True)]  # fmt: skip
-            picked = picked[kept]
-            policy_in = replace(
-                policy_in, items=[policy_in.items[i] for i in kept.tolist()],
-                scores=np.asarray(out.scores, np.float32), rows=policy_in.rows[kept],
-                embeddings=None if policy_in.embeddings is None else policy_in.embeddings[kept],
-            )  # fmt: skip
-        cut = request.k if request.k is not None else len(policy_in.items)
-        final_scores = policy_in.scores[:cut].astype(np.float64).round(6).tolist()
+        chain = run_policies(self.policies, policy_in)
+        picked = picked[chain.kept]
+        final = chain.request
+        cut = request.k if request.k is not None else len(final.items)
+        final_scores = final.scores[:cut].astype(np.float64).round(6).tolist()
         explain = None
         if request.explained:
             explain = [
                 {**self._explain_one(batch, int(t), float(scores[int(t) - t0]),
                                      has_vector=has_vector),
-                 "policies": notes[j], "position": j}
+                 "policies": chain.explain[j], "position": j}
                 for j, t in enumerate(picked[:cut].tolist())
             ]  # fmt: skip
         source = "model" if has_vector else "features"
-        return RankedList(list(policy_in.items[:cut]), final_scores, explain, source)
+        return RankedList(list(final.items[:cut]), final_scores, explain, source, chain.record)
 
     def _explain_one(
         self, batch: _Batch, t: int, score: float, *, has_vector: bool

@@ -25,7 +25,7 @@ import signal
 import threading
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,13 +34,16 @@ from typing import Any, Final
 import structlog
 
 from daemon._errors import DaemonError
+from daemon._export import item_aggregates
 from daemon._plugins import Plugins, check_user_ids, load_plugins
+from daemon._retention import RetentionSweeper
 from daemon.autotrain import train_from_log
 from daemon.candidates import Candidates
 from daemon.config import DEFAULTS_SOURCE, Config, load_config
 from daemon.feeds import FeedSink
 from daemon.metrics import Metrics
 from daemon.protocol import (
+    Export,
     Forget,
     Health,
     Ingest,
@@ -173,6 +176,7 @@ class Service:
         self.metrics = Metrics()
         self.server: Server | None = None
         self.feeds: list[Any] = []  # daemon.feeds' MqttFeed / KafkaFeed, when configured
+        self.retention: RetentionSweeper | None = None  # built by open()
         self._last_snapshot = (time.monotonic(), -1)  # (when, state offset it covered)
         # ranking ids: a random per-process prefix and a counter (unique without uuid4's
         # 2.5 µs of os.urandom per answer)
@@ -209,6 +213,11 @@ class Service:
         self.committer = GroupCommitter(
             self._append, name="daemon[writer]", dead_letter_sink=self.store.log.dead_letters
         )
+        # reads the plugins before every sweep: a reload may add, change or remove retention
+        self.retention = RetentionSweeper(
+            self.store, self.committer, self.metrics,
+            settings=lambda: self.plugins.retention, on_snapshot=self._snapshot_written,
+        )  # fmt: skip
         self.feeds = _make_feeds(self.config, FeedSink(
             self.committer, self.decoder, self.store.log.path, self.metrics,
             privacy=self.privacy_ingest))  # fmt: skip
@@ -266,6 +275,11 @@ class Service:
             self.store.snapshot()
             self._last_snapshot = (time.monotonic(), state_offset)
         return result
+
+    def _snapshot_written(self, offset: int) -> None:
+        """A snapshot covers ``offset`` (a retention sweep wrote it): restart the interval."""
+        if offset != self._last_snapshot[1]:
+            self._last_snapshot = (time.monotonic(), offset)
 
     def _note_touched(self, events: Sequence[Any]) -> None:
         """Queue the users whose interactions were just folded for the vector refresher."""
@@ -410,6 +424,8 @@ class Service:
         assert self.ranking is not None
         self.ranking.replace_model(model.ranker, model.vocabulary, _feature_weights(config))
         self.config, self.model, self.plugins = config, model, plugins
+        if self.retention is not None:
+            self.retention.wake()  # sweep under the new plugins' retention, if any, now
         self.ranking.policies = plugins.policies  # read once per answer: a plain swap
         await asyncio.to_thread(self._warm_policies)
         _log_plugins(plugins)
@@ -450,7 +466,7 @@ class Service:
             counter = self._op_counters[op] = self.metrics.requests.labels(op=op)
         return counter
 
-    async def _route(self, request: Request) -> dict[str, Any]:
+    async def _route(self, request: Request) -> dict[str, Any]:  # noqa: PLR0911 - one return per op
         if isinstance(request, Rank):
             return await self._rank(request)
         if isinstance(request, Ingest):
@@ -463,6 +479,8 @@ class Service:
             return {"status": "ok", "model": self.model.ranker is not None}
         if isinstance(request, Stats):
             return self.stats()
+        if isinstance(request, Export):
+            return await self._export(request)
         msg = f"op: {type(request).__name__} has no handler"
         raise ProtocolError("unknown_op", msg)
 
@@ -504,14 +522,15 @@ class Service:
         if self.config.ranking.record_impressions and result.items:
             # made from the id the caller sent: the privacy plugins map it on the way in
             user = request.user if request.given_user is None else request.given_user
-            self._record_impression(user, result.items, ranking_id)
+            self._record_impression(user, result.items, ranking_id, result.record)
         body: dict[str, Any] = {"ranking_id": ranking_id, "items": result.items,
                                 "scores": result.scores, "source": result.source}  # fmt: skip
         if result.explain is not None:
             body["explain"] = result.explain
         return body
 
-    def _record_impression(self, user: str, items: list[str], ranking_id: str) -> None:
+    def _record_impression(self, user: str, items: list[str], ranking_id: str,
+                           record: Mapping[str, Any]) -> None:  # fmt: skip
         """
         Queue what was shown for the log, without waiting: the answer does not depend on it.
 
@@ -523,10 +542,12 @@ class Service:
         for over a millisecond and tripled the p99.
 
         ``user`` is the caller's id: the impression goes through the privacy plugins
-        when it is flushed, like every event on its way to the log.
+        when it is flushed, like every event on its way to the log. ``record`` is what
+        the ranking policies asked to keep with it (an experiment's arm), stored as the
+        impression's ``context``.
         """
         shown = ItemsShown(id=ranking_id, ts=time.time(), user=user, items=items[:256],
-                           ranking_id=ranking_id)  # fmt: skip
+                           ranking_id=ranking_id, context=dict(record) if record else None)
         if len(self._impressions) < _MAX_PENDING_IMPRESSIONS:
             self._impressions.append(shown)
             self._impressions_waiting.set()
@@ -615,6 +636,23 @@ class Service:
         self.ranking.forget_vectors()
         return {}
 
+    async def _export(self, request: Export) -> dict[str, Any]:
+        """
+        A page of per-item aggregates (`daemon._export`), as the privacy plugins let it out.
+
+        Both run on the kernel thread: a page of 100,000 items, and ``noise``'s draws for
+        it, take milliseconds the loop does not wait for.
+        """
+        assert self.store is not None
+        assert self.ranking is not None
+        store, popularity, privacy = self.store, self.ranking.popularity, self.plugins.privacy
+
+        def page() -> dict[str, Any]:
+            return privacy.export(item_aggregates(store.state, popularity,
+                                                  offset=request.offset, limit=request.limit))
+
+        return await asyncio.get_running_loop().run_in_executor(self.kernel_thread, page)
+
     def stats(self) -> dict[str, Any]:
         """
         Counters, queue depths and cache figures for the ``stats`` op.
@@ -642,6 +680,7 @@ class Service:
             "rank_latency_ms": self.metrics.rank_percentiles_ms(),
             "connections": self.server.connections if self.server else 0,
             "snapshot_age_s": round(time.monotonic() - self._last_snapshot[0], 3),
+            "retention": self.retention.last if self.retention else None,
             "model": self.model.source,
             "warmup_s": round(self.model.warmup_s, 3),
             "compile_count": self._compile_count(),
@@ -814,6 +853,8 @@ async def _serve(service: Service, server: Server, shutdown: asyncio.Event) -> N
             tg.create_task(service.batcher.run(), name="daemon[ranking].batcher")
             tg.create_task(_watchdog(), name="daemon[systemd].watchdog")
             tg.create_task(service.flush_impressions(), name="daemon[ranking].impressions")
+            if service.retention is not None:
+                tg.create_task(service.retention.run(), name="daemon[store].retention")
             for feed in service.feeds:
                 tg.create_task(feed.run(), name=f"daemon[feeds].{feed.name}")
             if service.config.ranking.refresh_vectors:

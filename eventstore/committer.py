@@ -18,6 +18,10 @@ bound.
 Feeds pass the inputs they rejected along with the events (``dead_letters``); the
 writer commits a group's dead letters first, then its events and positions, so a
 crash in between can repeat a dead letter on redelivery but never lose one.
+
+Other work on what the writer owns (the SQLite connection, the state), such as a
+retention sweep, is queued with :meth:`~GroupCommitter.call`: it runs on the writer
+thread between groups, after every request submitted before it.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Final
+from typing import Any, Final, TypeVar
 
 from eventstore._errors import StoreError
 from eventstore.log import AppendResult, Position, Positions
@@ -40,6 +44,7 @@ Sink = Callable[..., AppendResult]
 #: ``dead_letter_sink(rejected, source=...)``: keeps ``(raw, reason)`` pairs of one source.
 DeadLetterSink = Callable[..., None]
 _STOP: Final = object()
+T = TypeVar("T")
 
 
 class BackpressureError(StoreError):
@@ -58,6 +63,22 @@ class _Request:
     dead_letters: Sequence[tuple[bytes, str]] = ()
     source: str = ""
     future: Future[AppendResult] = field(default_factory=Future)
+
+
+@dataclass(slots=True)
+class _Call:
+    """A function to run on the writer thread between groups (see GroupCommitter.call)."""
+
+    fn: Callable[[], Any]
+    future: Future[Any] = field(default_factory=Future)
+
+    def run(self) -> None:
+        try:
+            result = self.fn()
+        except BaseException as e:  # noqa: BLE001 - the caller hears of every failure
+            self.future.set_exception(e)
+        else:
+            self.future.set_result(result)
 
 
 class GroupCommitter:
@@ -80,7 +101,7 @@ class GroupCommitter:
         self._dead_letter_sink = dead_letter_sink
         self.max_events = max_events
         self.max_delay_s = max_delay_s
-        self._queue: queue.Queue[_Request | object] = queue.Queue(maxsize=max_pending)
+        self._queue: queue.Queue[_Request | _Call | object] = queue.Queue(maxsize=max_pending)
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self.groups = 0  # transactions committed, for stats
         self._thread.start()
@@ -114,22 +135,45 @@ class GroupCommitter:
             raise BackpressureError(self._queue.qsize(), retry_after_s=0.05) from None
         return request.future
 
+    def call(self, fn: Callable[[], T], *, block: bool = False,
+             timeout: float | None = None) -> Future[T]:
+        """
+        Run ``fn()`` on the writer thread, after the requests submitted before it.
+
+        It runs between two groups, never inside one, so it may use what the sink
+        uses (the store's connection and state). Its result or exception goes to the
+        returned future; an exception never stops the writer.
+
+        Raises:
+            BackpressureError: the queue is full (and ``block`` is false, or
+                ``timeout`` passed).
+        """
+        call = _Call(fn)
+        try:
+            self._queue.put(call, block=block, timeout=timeout)
+        except queue.Full:
+            raise BackpressureError(self._queue.qsize(), retry_after_s=0.05) from None
+        return call.future
+
     def close(self, *, timeout: float | None = None) -> None:
         """Commit everything already submitted, then stop the writer thread."""
         self._queue.put(_STOP)
         self._thread.join(timeout)
 
     def _run(self) -> None:
+        after: object = None  # what ended the last group: a call, _STOP or nothing
         while True:
-            first = self._queue.get()
-            if first is _STOP:
+            item, after = (self._queue.get() if after is None else after), None
+            if item is _STOP:
                 return
-            group, stop = self._gather(first)  # type: ignore[arg-type]
+            if isinstance(item, _Call):
+                item.run()
+                continue
+            group, after = self._gather(item)  # type: ignore[arg-type]
             self._commit(group)
-            if stop:
-                return
 
-    def _gather(self, first: _Request) -> tuple[list[_Request], bool]:
+    def _gather(self, first: _Request) -> tuple[list[_Request], object]:
+        """The group starting with ``first``, and the call or stop that ended it (or None)."""
         group = [first]
         size = len(first.events)
         deadline = time.monotonic() + self.max_delay_s
@@ -139,11 +183,11 @@ class GroupCommitter:
                 item = self._queue.get(timeout=wait) if wait > 0 else self._queue.get_nowait()
             except queue.Empty:
                 break
-            if item is _STOP:
-                return group, True
+            if item is _STOP or isinstance(item, _Call):
+                return group, item
             group.append(item)  # type: ignore[arg-type]
             size += len(item.events)  # type: ignore[union-attr]
-        return group, False
+        return group, None
 
     def _commit(self, group: list[_Request]) -> None:
         events: list[Event] = []

@@ -458,17 +458,77 @@ class EventLog:
         # hash hit is verified against the log, and they are gone at the next open.
         return deleted
 
-    def delete_before(self, offset: int) -> int:
-        """Delete events with offsets below ``offset`` (retention, once a snapshot covers them)."""
+    def delete_before(self, offset: int, *, ingested_before: float | None = None) -> int:
+        """
+        Delete events with offsets below ``offset`` (retention, once a snapshot covers them).
+
+        One transaction; with ``secure_delete`` the freed bytes are zeroed, and the WAL
+        is truncated afterwards so no page image of a deleted event survives. When any
+        event was deleted, the ``truncated_before`` mark is raised to ``offset`` (it never
+        goes down): from then on the log alone no longer rebuilds the state
+        (`is_complete`).
+
+        Args:
+            offset: events at this offset and above are kept.
+            ingested_before: when given, only the events below ``offset`` appended
+                before this time (their ``ingest_ts``) are deleted.
+
+        Returns:
+            How many events were deleted.
+        """
+        self._check_usable()
+        where, args = "log_offset < ?", [offset]
+        if ingested_before is not None:
+            where, args = where + " AND ingest_ts < ?", [*args, ingested_before]
         try:
             with _transaction(self._conn):
-                n = self._conn.execute("DELETE FROM events WHERE log_offset < ?", (offset,)).rowcount
-                # From now on the log alone no longer rebuilds the state (see is_complete).
-                self._conn.execute("INSERT OR REPLACE INTO meta VALUES ('truncated_before', ?)",
-                                   (str(offset),))
+                n = self._conn.execute(f"DELETE FROM events WHERE {where}", args).rowcount  # noqa: S608
+                if n:
+                    mark = max(offset, self.truncated_before or 0)
+                    self._conn.execute("INSERT OR REPLACE INTO meta VALUES ('truncated_before', ?)",
+                                       (str(mark),))
+            if n:
+                self._truncate_wal()
         except sqlite3.Error as e:
             raise self._translate(e) from e
         return n
+
+    def has_ingested_before(self, ingested_before: float, *, after: int, upto: int) -> bool:
+        """Whether an event with an offset in ``(after, upto]`` was appended before that time."""
+        row = self._conn.execute(
+            "SELECT 1 FROM events WHERE log_offset > ? AND log_offset <= ? AND ingest_ts < ? "
+            "LIMIT 1", (after, upto, ingested_before)).fetchone()
+        return row is not None
+
+    def delete_dead_letters(self, received_before: float) -> int:
+        """
+        Delete the dead letters received before ``received_before``; returns how many.
+
+        Retention: they hold raw inputs. The WAL is truncated afterwards.
+        """
+        self._check_usable()
+        try:
+            with _transaction(self._conn):
+                n = self._conn.execute("DELETE FROM dead_letters WHERE received_ts < ?",
+                                       (received_before,)).rowcount
+            if n:
+                self._truncate_wal()
+        except sqlite3.Error as e:
+            raise self._translate(e) from e
+        return n
+
+    def _truncate_wal(self) -> None:
+        truncate_wal(self._conn, self._checkpointer.lock if self._checkpointer else None)
+
+    @property
+    def truncated_before(self) -> int | None:
+        """
+        The retention mark: events below this offset may have been deleted (None: never).
+
+        Events below it that are still in the log were kept on purpose (too young).
+        """
+        value = self.meta("truncated_before")
+        return None if value is None else int(value)
 
     def meta(self, key: str) -> str | None:
         """The value stored under ``key`` in the ``meta`` table, or None."""
@@ -494,7 +554,7 @@ class EventLog:
 
     @property
     def is_complete(self) -> bool:
-        """Whether the log still holds every event ever appended (retention never ran)."""
+        """Whether the log still holds every event ever appended (retention deleted none)."""
         row = self._conn.execute("SELECT 1 FROM meta WHERE key = 'truncated_before'").fetchone()
         return row is None
 

@@ -48,6 +48,15 @@ class SnapshotStore:
         """Snapshot files, newest (highest offset) first."""
         return sorted(self.directory.glob("snapshot-*.snap"), reverse=True)
 
+    def offsets(self) -> list[int]:
+        """The offsets the snapshot files cover, read from their names, newest first."""
+        out: list[int] = []
+        for path in self.paths():
+            digits = path.stem.removeprefix("snapshot-")
+            if digits.isdigit():
+                out.append(int(digits))
+        return out
+
     def write(self, state: State) -> Path:
         """Write ``state`` atomically; older files beyond ``keep`` are removed."""
         body = MAGIC + state.offset.to_bytes(8, "little") + state.to_bytes()

@@ -18,6 +18,7 @@ from typing import Final
 import structlog
 
 from eventstore._config import FoldConfig
+from eventstore._errors import CorruptSnapshotError
 from eventstore.fold import project
 from eventstore.log import AppendResult, EventLog, Positions, Synchronous
 from eventstore.schema import Event, EventDecoder, Rejection, UserForgotten
@@ -82,14 +83,34 @@ class Store:
             # An erasure was interrupted after the log forgot these users but before
             # the snapshots were rewritten: finish it.
             state = self._without(state, erased)
+        covered = state.offset
         replayed = self.replay(state)
         if erased:
             self.snapshots.write(state)
             self.snapshots.drop_all_but_newest()
+        self._warn_if_incomplete(covered, from_snapshot=from_snapshot)
         _log.info("state_restored", from_snapshot=from_snapshot, offset=state.offset,
                   replayed=replayed, users=len(state.user_index), items=state.n_items,
                   seconds=round(time.perf_counter() - started, 3))
         return state
+
+    def _warn_if_incomplete(self, covered: int, *, from_snapshot: bool) -> None:
+        """
+        Warn when retention deleted events the restored snapshot does not cover.
+
+        Retention deletes only what every kept snapshot covers, so this happens only
+        when the snapshots that covered them are gone or damaged (or were made under
+        another ``[fold]``): the state then holds only what the log still has after
+        ``covered``. The store opens anyway
+        (the alternative, refusing to start, would not bring the events back); writing
+        new snapshots makes the restored state the reference from then on.
+        """
+        mark = self.log.truncated_before
+        if mark is not None and covered < mark - 1:
+            _log.warning("state_incomplete", from_snapshot=from_snapshot, snapshot_offset=covered,
+                         truncated_before=mark,
+                         reason="retention deleted events that no valid snapshot covers: "
+                                "the state holds only the events the log kept")
 
     def _without(self, state: State, users: Iterable[str]) -> State:
         """
@@ -181,6 +202,65 @@ class Store:
         path = self.snapshots.write(self.state)
         self._since_snapshot = 0
         return path
+
+    def retain(self, ingested_before: float) -> int:
+        """
+        Retention: delete the events appended before ``ingested_before`` that a snapshot covers.
+
+        First a snapshot of the current state is written if the newest one is older.
+        Then the events ingested before ``ingested_before`` that the snapshots cover are
+        deleted in one transaction, and so are the dead letters received before it. The
+        state keeps what the fold derived from them. Runs on the writer thread.
+
+        Which snapshots "cover" (see :meth:`_retention_cover`): normally the *oldest*
+        kept one, so that a restore falling back to it (the newest being damaged)
+        still replays a log tail without gaps; the newest only when old events lie
+        beyond the oldest (a quiet log), after reading it back.
+
+        Returns:
+            How many events were deleted.
+        """
+        started = time.perf_counter()
+        offsets = self.snapshots.offsets()
+        wrote = not offsets or offsets[0] < self.state.offset
+        if wrote:
+            self.snapshot()
+        cover = self._retention_cover(ingested_before)
+        deleted = self.log.delete_before(cover + 1, ingested_before=ingested_before)
+        dead = self.log.delete_dead_letters(ingested_before)
+        _log.info("retention_swept", events_deleted=deleted, dead_letters_deleted=dead,
+                  covered_offset=cover, snapshot_written=wrote,
+                  seconds=round(time.perf_counter() - started, 3))
+        return deleted
+
+    def _retention_cover(self, ingested_before: float) -> int:
+        """
+        The offset up to which retention may delete events.
+
+        The oldest kept snapshot's, so every kept snapshot is a gap-free fallback.
+        With steady traffic and an age above the sweep interval that deletes all that
+        is old enough: what the oldest does not cover arrived after it was written.
+        But when events old enough lie between the oldest and the newest snapshot (no
+        new events came to push another snapshot, or the age is below the interval),
+        waiting would keep them forever: then the newest snapshot is read back and
+        verified, the older ones, which could only restore with a gap, are removed,
+        and the newest covers. A newest that fails to verify is written again (the
+        next sweep checks it) and the oldest covers this time.
+        """
+        offsets = self.snapshots.offsets()
+        oldest, newest = offsets[-1], offsets[0]
+        if oldest == newest or not self.log.has_ingested_before(
+                ingested_before, after=oldest, upto=newest):  # fmt: skip
+            return oldest
+        try:
+            self.snapshots.load(self.snapshots.paths()[0], self.config)
+        except (CorruptSnapshotError, OSError) as e:
+            _log.warning("retention_held_back", reason=str(e), snapshot_offset=newest)
+            if newest == self.state.offset:
+                self.snapshot()
+            return oldest
+        self.snapshots.drop_all_but_newest()
+        return newest
 
     def forget(self, user: str) -> int:
         """

@@ -29,6 +29,7 @@ __all__ = [
     "PolicyOutput",
     "PrivacyPlugin",
     "RankingPolicy",
+    "RetentionPlugin",
 ]
 
 
@@ -64,6 +65,21 @@ class PrivacyPlugin(Protocol):
         ...
 
 
+@runtime_checkable
+class RetentionPlugin(PrivacyPlugin, Protocol):
+    """
+    A privacy plugin that asks the daemon to delete old events from its log.
+
+    The daemon finds it by this shape, not by name: every ``sweep_interval_s`` it
+    deletes the events that arrived more than ``max_age_s`` ago once a snapshot covers
+    them (``eventstore.store.Store.retain``). With several, the shortest of each wins.
+    The built-in one is ``retention`` (:mod:`plugins.privacy.retention`).
+    """
+
+    max_age_s: float
+    sweep_interval_s: float
+
+
 @dataclass(frozen=True, slots=True)
 class PolicyInput:
     """
@@ -83,6 +99,9 @@ class PolicyInput:
     k: int
     context: Mapping[str, Any] = field(default_factory=dict)
     embeddings: np.ndarray | None = None  # float32 [N, d] when the model has them
+    #: float32 [N]: the part of each score that is not the model's (its weighted
+    #: features); ``scores - features`` is the model's dot product. None when unknown.
+    features: np.ndarray | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,11 +113,16 @@ class PolicyOutput:
     dropped, none repeated), ``scores`` are the new scores in that order, and
     ``explain`` has one entry per ordered item saying what the policy did to it
     (e.g. ``{"mmr": {"relevance": 0.8, "redundancy": 0.3}}``).
+
+    ``record`` holds flat facts about the whole answer that the daemon stores with the
+    answer's impression record (its ``context``), for later analysis: the experiment
+    and arm a request was served by, for instance. Keys of later policies win.
     """
 
     order: np.ndarray  # int64 [M], M <= N
     scores: np.ndarray  # float32 [M]
     explain: list[dict[str, Any]]
+    record: Mapping[str, str | int | float | bool] = field(default_factory=dict)
 
 
 @runtime_checkable

@@ -5,16 +5,27 @@ The registry passes a context to a plugin class whose constructor declares a
 ``context`` parameter (keyword), and only to those: most plugins need nothing but
 their ``[plugins.<name>]`` table. The context carries plain values, never daemon
 objects, so that plugins keep to the import direction of DESIGN.md (``plugins`` may
-import ``eventstore`` and ``kernels``, never ``daemon``).
+import ``eventstore`` and ``kernels``, never ``daemon``). One callable is the
+exception, `PluginContext.build_policies`, for policies made of other policies.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-__all__ = ["PluginContext"]
+if TYPE_CHECKING:
+    from plugins.base import RankingPolicy
+
+#: ``build_policies(names, params)``: the ranking policies ``names``, built in order
+#: from the registry with ``params[name]`` as each one's table.
+PolicyBuilder = Callable[[Sequence[str], Mapping[str, Mapping[str, Any]]],
+                         "tuple[RankingPolicy, ...]"]  # fmt: skip
+
+__all__ = ["PluginContext", "PolicyBuilder"]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -30,6 +41,10 @@ class PluginContext:
         dry_run: the plugin is built only to check its parameters (``rerankd
             check-config``): it must not create or change any file, and it may be
             left unable to work (e.g. with no key yet).
+        build_policies: builds ranking policies by name through the same registry
+            (see `PolicyBuilder`), for a policy that runs policies of its own (the
+            arms of ``experiment``); None where no registry is at hand. It refuses a
+            policy that would contain itself.
 
     .. versionadded:: 0.1.0
     """
@@ -37,6 +52,7 @@ class PluginContext:
     data_dir: Path
     credentials_dir: Path | None = None
     dry_run: bool = False
+    build_policies: PolicyBuilder | None = None
 
     @classmethod
     def from_environment(cls, data_dir: Path, *, dry_run: bool = False) -> PluginContext:

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from importlib.metadata import EntryPoint, entry_points
 from typing import Any, Final, Literal
 
@@ -221,10 +221,30 @@ class Registry:
                              for n in names])  # fmt: skip
 
     def policies(self, names: Sequence[str], params: Mapping[str, Mapping[str, Any]],
-                 *, context: PluginContext) -> tuple[RankingPolicy, ...]:  # fmt: skip
-        """The ranking policies ``names``, built in order."""
-        return tuple(self.build(n, params.get(n, {}), kind="policies", context=context)
-                     for n in names)  # fmt: skip
+                 *, context: PluginContext, within: tuple[str, ...] = ()
+                 ) -> tuple[RankingPolicy, ...]:  # fmt: skip
+        """
+        The ranking policies ``names``, built in order.
+
+        Each gets a context whose ``build_policies`` builds policies of its own through
+        this registry; ``within`` names the policies being built around them, and a
+        policy that would contain itself is refused.
+        """
+        built = []
+        for name in names:
+            if name in within:
+                path = " -> ".join((*within, name))
+                msg = f"[plugins.{within[-1]}]: policy {name!r} would contain itself ({path})"
+                raise PluginError(msg)
+            inner = (*within, name)
+
+            def nested(inner_names: Sequence[str], inner_params: Mapping[str, Mapping[str, Any]],
+                       inner: tuple[str, ...] = inner) -> tuple[RankingPolicy, ...]:  # fmt: skip
+                return self.policies(inner_names, inner_params, context=context, within=inner)
+
+            built.append(self.build(name, params.get(name, {}), kind="policies",
+                                    context=replace(context, build_policies=nested)))  # fmt: skip
+        return tuple(built)
 
     def defaults(self, name: str) -> dict[str, Any]:
         """

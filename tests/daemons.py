@@ -19,9 +19,9 @@ from typing import Any
 
 import pytest
 
-from daemon.client import Client
+from daemon.client import Client, RequestFailedError
 
-__all__ = ["ROOT", "Daemon", "poll"]
+__all__ = ["ROOT", "Daemon", "poll", "user_view"]
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -113,3 +113,15 @@ class Daemon:
             self.proc.wait()
         self.stdout.close()
         self.notify.close()
+
+
+def user_view(daemon: Daemon, user: str) -> dict[str, Any] | None:
+    """The daemon's ``user`` answer for ``user``, or None when it does not know the user."""
+    with daemon.client() as client:
+        try:
+            view: dict[str, Any] = client.request("user", user=user)["user"]
+        except RequestFailedError as error:
+            if error.code != "not_found":
+                raise
+            return None
+    return view

@@ -176,6 +176,24 @@ def test_stats_over_the_socket(shared_daemon: Any, rerankd: Any) -> None:
     assert {"id", "ok"}.isdisjoint(stats)
 
 
+def test_export_over_the_socket(shared_daemon: Any, rerankd: Any) -> None:
+    """`export --json` pages through the items; the readable form is a table."""
+    with shared_daemon.client() as client:
+        client.request("ingest", events=[_event("x1-1", "x1", "x1-a", kind="click")])
+        total = client.request("export", limit=1)["total"]
+    config = ("--config", str(shared_daemon.config))
+    done = rerankd(shared_daemon.tmp, "export", "--json", "--limit", "100000", *config)
+    assert done.returncode == 0, done.stderr
+    page = json.loads(done.stdout)
+    [clicked] = [it for it in page["items"] if it["item"] == "x1-a"]
+    assert (1, 1, None) == (clicked["clicks"], clicked["interactions"], page["next_offset"])
+    assert total <= page["total"]
+    readable = rerankd(shared_daemon.tmp, "export", "--limit", "1", *config).stdout.splitlines()
+    assert readable[0].split() == ["item", "impressions", "clicks", "interactions",
+                                   "popularity", "ctr"]  # fmt: skip
+    assert readable[-1].startswith("1 of ")
+
+
 def test_render_stats_dots_nested_keys() -> None:
     """Readable stats: one aligned line per value, nested keys dotted."""
     text = render_stats({"users": 3, "events": {"ingested": 12, "busy": 0}})

@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 from brokers import KafkaBroker, MqttBroker, free_ports, unique_name
-from daemons import Daemon, poll
+from daemons import Daemon, poll, user_view
 
 from daemon.client import RequestFailedError
 from daemon.feeds.kafka import publish as kafka_publish
@@ -71,17 +71,6 @@ def query(daemon: Daemon, sql: str, *args: Any) -> list[tuple[Any, ...]]:
     uri = f"file:{daemon.tmp / 'data' / 'events.db'}?mode=ro"
     with contextlib.closing(sqlite3.connect(uri, uri=True, timeout=10)) as db:
         return db.execute(sql, args).fetchall()
-
-
-def user_view(daemon: Daemon, user: str) -> dict[str, Any] | None:
-    with daemon.client() as client:
-        try:
-            view: dict[str, Any] = client.request("user", user=user)["user"]
-        except RequestFailedError as error:
-            if error.code != "not_found":
-                raise
-            return None
-    return view
 
 
 def wait_until(read: Callable[[], Any], done: Callable[[Any], bool],

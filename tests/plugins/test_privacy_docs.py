@@ -16,7 +16,7 @@ from plugins.registry import Registry
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = ROOT / "systemd" / "rerankd.toml"
-PRIVACY = ("pseudonymize", "mask")
+PRIVACY = ("pseudonymize", "mask", "noise")
 
 
 def plain(values: dict[str, Any]) -> dict[str, Any]:
@@ -53,6 +53,14 @@ def test_the_example_shows_mask_defaults_commented() -> None:
     """mask is off by default: its commented table has every parameter, at its default."""
     shown = commented_table(EXAMPLE.read_text(), "plugins.mask")
     assert plain(Registry().defaults("mask")) == shown
+
+
+def test_the_example_shows_noise_defaults_commented() -> None:
+    """noise is off by default: its commented table has every parameter but the unset seed."""
+    shown = commented_table(EXAMPLE.read_text(), "plugins.noise")
+    defaults = Registry().defaults("noise")
+    assert None is defaults.pop("seed")  # TOML has no null: the example says it is unset
+    assert defaults == shown
 
 
 @pytest.mark.parametrize("name", PRIVACY)

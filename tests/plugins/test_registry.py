@@ -33,6 +33,7 @@ from plugins.registry import ENTRY_POINT_GROUP, PrivacyChain, Registry
 BUILT_INS = {
     "pseudonymize": "plugins.privacy.pseudonymize:Pseudonymize",
     "mask": "plugins.privacy.mask:Mask",
+    "noise": "plugins.privacy.noise:Noise",
     "mmr": "plugins.policies.mmr:MmrPolicy",
     "blend": "plugins.policies.blend:BlendPolicy",
     "rules": "plugins.policies.rules:RulesPolicy",
