@@ -15,7 +15,7 @@ import signal
 import sqlite3
 import time
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -84,22 +84,6 @@ def wait_until(read: Callable[[], Any], done: Callable[[Any], bool],
 
 def interactions(view: dict[str, Any] | None) -> set[str]:
     return {r["type"] for r in view["recent"]} if view else set()
-
-
-@pytest.fixture(name="start")
-def fixture_start(tmp_path: Path) -> Iterator[Callable[..., Daemon]]:
-    """start(config) runs a daemon on tmp_path (data kept across starts), waits for READY=1."""
-    started: list[Daemon] = []
-
-    def start(config: str = "") -> Daemon:
-        daemon = Daemon(tmp_path, "[ranking]\ntrain_on_start = false\n" + config)
-        started.append(daemon)
-        daemon.wait_for("READY=1")
-        return daemon
-
-    yield start
-    for daemon in started:
-        daemon.close()
 
 
 # ------------------------------------------------------------------- every path in

@@ -11,7 +11,7 @@ import signal
 import sqlite3
 import time
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -100,21 +100,9 @@ def metric(port: int, name: str) -> float:
     return 0.0
 
 
-@pytest.fixture(name="start")
-def fixture_start(tmp_path: Path) -> Iterator[Callable[..., Daemon]]:
-    """start(config) runs a daemon on tmp_path (data kept across starts), waits for READY=1."""
-    started: list[Daemon] = []
-
-    def start(config: str = "") -> Daemon:
-        daemon = Daemon(tmp_path, "[ranking]\ntrain_on_start = false\n"
-                        "record_impressions = false\n" + config)  # fmt: skip
-        started.append(daemon)
-        daemon.wait_for("READY=1")
-        return daemon
-
-    yield start
-    for daemon in started:
-        daemon.close()
+#: Impressions stay out of these logs: only the events the tests send are counted.
+NO_IMPRESSIONS = "record_impressions = false\n"
+WITH_RETENTION = f'{NO_IMPRESSIONS}[plugins]\nprivacy = ["pseudonymize", "retention"]\n{RETENTION}'
 
 
 def test_old_events_leave_the_log_while_the_state_keeps_them(
@@ -128,7 +116,7 @@ def test_old_events_leave_the_log_while_the_state_keeps_them(
     counted in ``stats`` and on the metrics endpoint.
     """
     (port,) = free_ports(1)
-    daemon = start(f'[metrics]\nlisten = "127.0.0.1:{port}"\n'
+    daemon = start(NO_IMPRESSIONS + f'[metrics]\nlisten = "127.0.0.1:{port}"\n'
                    f'[plugins]\nprivacy = ["pseudonymize", "retention"]\n{RETENTION}')  # fmt: skip
     with daemon.client() as client:
         answer = client.request("ingest", events=old_events())
@@ -174,7 +162,7 @@ def test_old_events_leave_the_log_while_the_state_keeps_them(
     assert (7.0, []) == (deleted, held)
     assert (["young-1", "young-2"], True) == ([i for i, _ in young], sweeps["ok"])
 
-    daemon = start(f'[plugins]\nprivacy = ["pseudonymize", "retention"]\n{RETENTION}')
+    daemon = start(WITH_RETENTION)
     restarted = {u: user_view(daemon, u) for u in (ALICE, BOB, CAROL)}
     order_again = ranked(daemon, ALICE)
     young_gone = wait_until(lambda: logged(daemon, "young-"), lambda rows: not rows)
@@ -190,7 +178,7 @@ def test_a_reload_switches_retention_on_and_off(start: Callable[..., Daemon]) ->
     A SIGHUP that adds ``retention`` deletes the events already old enough at once; one
     that removes it keeps later events past their age.
     """
-    daemon = start('[plugins]\nprivacy = ["pseudonymize"]\n')
+    daemon = start(NO_IMPRESSIONS + '[plugins]\nprivacy = ["pseudonymize"]\n')
     log = daemon.tmp / "daemon.log"
     config = daemon.config.read_text()
     with daemon.client() as client:
