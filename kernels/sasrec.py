@@ -213,9 +213,10 @@ def _embed(
     """(embedded inputs [B, L, d], real-slot mask [B, L], allowed [B, L, L])."""
     real = seqs > 0
     dim = params["item_emb"].shape[-1]
-    x = params["item_emb"][seqs] * math.sqrt(dim) + params["pos_emb"]
-    x = _dropout(x, rate, key) * real[..., None]
     length = seqs.shape[-1]
+    # a window narrower than max_len holds the newest slots: it takes their positions
+    x = params["item_emb"][seqs] * math.sqrt(dim) + params["pos_emb"][-length:]
+    x = _dropout(x, rate, key) * real[..., None]
     causal = jnp.tril(jnp.ones((length, length), dtype=bool))
     return x, real, causal[None] & real[:, None, :]
 
@@ -228,8 +229,8 @@ def _run(
     key: jax.Array | None,
     last_only: bool,
 ) -> jax.Array:
-    if seqs.ndim != 2 or seqs.shape[-1] != config.max_len:
-        msg = f"seqs: expected shape [batch, {config.max_len}], got {seqs.shape}"
+    if seqs.ndim != 2 or not 1 <= seqs.shape[-1] <= config.max_len:
+        msg = f"seqs: expected shape [batch, {config.max_len}] (or narrower), got {seqs.shape}"
         raise ValueError(msg)
     n_keys = 1 + 3 * config.num_blocks
     keys: list[jax.Array | None] = (
@@ -258,9 +259,11 @@ def sequence_outputs(
     r"""
     The encoder's output at every slot, ``[B, L, d]``, for training.
 
-    ``seqs [B, L]`` int, left-padded with 0. Slot ``t``'s output depends only on slots
-    ``<= t`` (causal attention) and never on padding. With ``key`` given, dropout is
-    on (training); without, the function is deterministic.
+    ``seqs [B, L]`` int, left-padded with 0; a narrower window ``[B, W]`` (``W < L``)
+    stands for the newest ``W`` slots of rows whose items all fit in it, and gives the
+    same outputs there (training batches short rows this way). Slot ``t``'s output
+    depends only on slots ``<= t`` (causal attention) and never on padding. With
+    ``key`` given, dropout is on (training); without, the function is deterministic.
     """
     return _run(params, seqs, config=config, key=key, last_only=False)
 

@@ -197,11 +197,27 @@ def default_optimizer(
     The default optimiser: clipping, then AdamW that decays matrices only.
 
     Global-norm clipping to ``clip_norm``, then AdamW with decoupled ``weight_decay``
-    on matrices and embeddings only (:func:`weight_decay_mask`).
+    on matrices and embeddings only (:func:`weight_decay_mask`). The learning rate is
+    an injected hyper-parameter (``optax.inject_hyperparams``), so :func:`fit` can
+    lower it on a plateau (``lr_decay``).
     """
-    return optax.chain(
-        optax.clip_by_global_norm(clip_norm),
-        optax.adamw(learning_rate, weight_decay=weight_decay, mask=weight_decay_mask),
+
+    def chain(learning_rate: float) -> optax.GradientTransformation:
+        return optax.chain(
+            optax.clip_by_global_norm(clip_norm),
+            optax.adamw(learning_rate, weight_decay=weight_decay, mask=weight_decay_mask),
+        )
+
+    return optax.inject_hyperparams(chain)(learning_rate=learning_rate)
+
+
+def _scaled_learning_rate(opt_state: optax.OptState, factor: float) -> optax.OptState:
+    """``opt_state`` with its injected learning rate times ``factor`` (unchanged if none)."""
+    hyper = getattr(opt_state, "hyperparams", None)
+    if not isinstance(hyper, dict) or "learning_rate" not in hyper:
+        return opt_state
+    return opt_state._replace(  # type: ignore[union-attr]
+        hyperparams={**hyper, "learning_rate": hyper["learning_rate"] * factor}
     )
 
 
@@ -376,12 +392,14 @@ class TrainReport:
 
     One record per epoch run; ``best_epoch`` is the 1-based epoch whose parameters were
     returned (best validation NDCG@10, the earliest on ties); ``stopped_early`` says
-    whether patience ran out before ``epochs``.
+    whether training stopped before ``epochs``, ``time_bound`` whether the deadline
+    (not patience) stopped it.
     """
 
     epochs: tuple[EpochRecord, ...]
     best_epoch: int
     stopped_early: bool
+    time_bound: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-able dict: ``{"epochs": [{...}, ...], "best_epoch", "stopped_early"}``."""
@@ -389,6 +407,7 @@ class TrainReport:
             "epochs": [dataclasses.asdict(record) for record in self.epochs],
             "best_epoch": self.best_epoch,
             "stopped_early": self.stopped_early,
+            "time_bound": self.time_bound,
         }
 
 
@@ -512,6 +531,44 @@ def _run_epoch(
     return params, opt_state, running.value()
 
 
+def _length_buckets(inputs: np.ndarray) -> dict[int, np.ndarray]:
+    """
+    Training rows by window width: ``{width: row indices}``.
+
+    The widths are ``L``, ``L/2``, ``L/4`` and ``L/8`` (rounded up); each row goes to
+    the narrowest window that holds its items. A left-padded row that fits in ``W``
+    slots gives the same outputs from its newest ``W`` columns as from all ``L``
+    (:func:`kernels.sasrec.sequence_outputs`), so short rows train at a fraction of the
+    cost; the step compiles once per width.
+    """
+    length = inputs.shape[1]
+    widths = sorted({max(1, -(-length // d)) for d in (1, 2, 4, 8)})
+    used = np.count_nonzero(inputs, axis=1)
+    slot = np.searchsorted(np.asarray(widths), used)  # the first width >= used
+    return {w: np.flatnonzero(slot == i) for i, w in enumerate(widths) if np.any(slot == i)}
+
+
+def _bucketed_batches(
+    train: tuple[np.ndarray, np.ndarray],
+    buckets: dict[int, np.ndarray],
+    batch_size: int,
+    rng: np.random.Generator,
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """
+    One epoch's batches: the blocks of all buckets, in a shuffled order.
+
+    Each bucket is shuffled and cut into blocks of ``batch_size`` rows (the last padded).
+    """
+    blocks = []
+    for width, rows in buckets.items():
+        order = rows[rng.permutation(len(rows))]
+        blocks += [(width, order[i : i + batch_size]) for i in range(0, len(order), batch_size)]
+    for b in rng.permutation(len(blocks)):
+        width, rows = blocks[b]
+        x, y = train[0][rows, -width:], train[1][rows, -width:]
+        yield _pad_rows(x, batch_size), _pad_rows(y, batch_size)
+
+
 @dataclasses.dataclass(frozen=True, slots=True)
 class _Best:
     """The best epoch so far: its validation NDCG@10, number and parameters."""
@@ -537,13 +594,12 @@ def _epoch_runner(
     global_step)``, then validates.
     """
     rng, base_key = np.random.default_rng(seed), jax.random.key(seed)
-    n_rows = train[0].shape[0]
-    n_batches = -(-n_rows // batch_size)
+    buckets = _length_buckets(train[0])
+    n_batches = sum(-(-len(rows) // batch_size) for rows in buckets.values())
 
     def run(epoch: int, state: TrainState, bar: tqdm) -> tuple[TrainState, EpochRecord]:
         start = time.perf_counter()
-        order = rng.permutation(n_rows)
-        batches = _padded_batches((train[0][order], train[1][order]), batch_size)
+        batches = _bucketed_batches(train, buckets, batch_size, rng)
         first = (epoch - 1) * n_batches
         params, opt_state, train_loss = _run_epoch(
             step, state, batches, lambda i: jax.random.fold_in(base_key, first + i), bar
@@ -562,9 +618,17 @@ def _train_loop(
     epochs: int,
     patience: int,
     bar: tqdm,
+    deadline: float | None = None,
+    lr_decay: tuple[int, float] | None = None,
 ) -> tuple[Params, TrainReport]:
-    """Epochs until ``epochs`` or ``patience`` epochs without a better NDCG@10."""
-    best, records = _Best(-math.inf, 0, state[0]), []
+    """
+    Epochs until ``epochs``, ``patience`` epochs without a better NDCG@10, or the deadline.
+
+    Training also stops when another epoch as long as the last would end after
+    ``deadline``; with ``lr_decay = (n, f)`` the learning rate is multiplied by ``f``
+    after every ``n`` epochs without a better NDCG@10.
+    """
+    best, records, time_bound = _Best(-math.inf, 0, state[0]), [], False
     for epoch in range(1, epochs + 1):
         bar.set_description(f"epoch {epoch}/{epochs}")
         state, record = run_epoch(epoch, state, bar)
@@ -574,7 +638,17 @@ def _train_loop(
             best = _Best(record.val_ndcg_at_10, epoch, state[0])
         elif epoch - best.epoch >= patience:
             break
-    report = TrainReport(tuple(records), best.epoch, stopped_early=len(records) < epochs)
+        elif lr_decay is not None and (epoch - best.epoch) % lr_decay[0] == 0:
+            state = (state[0], _scaled_learning_rate(state[1], lr_decay[1]))
+        if (
+            deadline is not None
+            and epoch < epochs
+            and time.perf_counter() + record.wall_s > deadline
+        ):
+            time_bound = True
+            break
+    report = TrainReport(tuple(records), best.epoch, stopped_early=len(records) < epochs,
+                         time_bound=time_bound)  # fmt: skip
     return best.params, report
 
 
@@ -595,13 +669,18 @@ def fit(
     patience: int = 3,
     eval_batch_size: int = 256,
     progress: bool = True,
+    deadline: float | None = None,
+    evaluator: Evaluator | None = None,
+    lr_decay: tuple[int, float] | None = None,
 ) -> tuple[Params, TrainReport]:
     """
     Train for up to ``epochs`` and return the parameters of the best validation epoch.
 
-    Each epoch shuffles the ``N`` training rows with ``numpy.random.default_rng(seed)``,
-    runs :func:`make_train_step` over blocks of ``batch_size`` (the last padded with
-    empty rows, so the step compiles once), with key ``fold_in(key(seed), step)``, then
+    Each epoch shuffles the ``N`` training rows with ``numpy.random.default_rng(seed)``
+    within their length buckets (:func:`_length_buckets`: short rows train in a
+    narrow window), runs :func:`make_train_step` over blocks of ``batch_size`` (the last
+    padded with empty rows, so the step compiles once per window width) in a shuffled
+    order, with key ``fold_in(key(seed), step)``, then
     computes validation NDCG@10 and HR@10 (:func:`make_evaluator`). Training stops
     early once NDCG@10 has not improved for ``patience`` epochs. The same arguments
     give bit-identical results on the same machine.
@@ -622,6 +701,14 @@ def fit(
         patience: epochs without improvement before stopping, >= 1.
         eval_batch_size: validation users per jitted call.
         progress: show a tqdm bar with the running loss.
+        deadline: a ``time.perf_counter()`` value: no epoch starts that, as long as
+            the last one, would end after it (the report says ``time_bound``).
+        evaluator: ``evaluate(params, val_inputs, val_targets) -> (ndcg@10, hr@10)``
+            in place of full-ranking validation (:func:`make_evaluator`), e.g. another
+            protocol; early stopping follows its NDCG@10.
+        lr_decay: ``(n, factor)``: multiply the learning rate by ``factor`` after
+            every ``n`` epochs without a better validation NDCG@10 (needs an optimizer
+            with an injected learning rate, as :func:`default_optimizer` has).
 
     Returns:
         ``(best_params, report)``.
@@ -638,10 +725,10 @@ def fit(
     train, val = _checked_data(config, (train_inputs, train_targets), (val_inputs, val_targets))
     optimizer = default_optimizer() if optimizer is None else optimizer
     step = make_train_step(config, optimizer, loss=loss, num_negatives=num_negatives)
-    evaluate = make_evaluator(config, batch_size=eval_batch_size)
+    evaluate = evaluator or make_evaluator(config, batch_size=eval_batch_size)
     run_epoch = _epoch_runner(step, evaluate, train, val, batch_size=batch_size, seed=seed)
-    total = epochs * -(-train[0].shape[0] // batch_size)
-    with tqdm(total=total, unit="batch", disable=not progress) as bar:
-        return _train_loop(
-            run_epoch, (params, optimizer.init(params)), epochs=epochs, patience=patience, bar=bar
-        )
+    per_epoch = sum(-(-len(rows) // batch_size) for rows in _length_buckets(train[0]).values())
+    state = (params, optimizer.init(params))
+    with tqdm(total=epochs * per_epoch, unit="batch", disable=not progress) as bar:
+        return _train_loop(run_epoch, state, epochs=epochs, patience=patience, bar=bar,
+                           deadline=deadline, lr_decay=lr_decay)  # fmt: skip

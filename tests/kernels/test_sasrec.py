@@ -242,11 +242,31 @@ def test_config_rejects_bad_values(kwargs: dict[str, float], field: str) -> None
 
 
 def test_wrong_sequence_length_is_refused() -> None:
-    """Sequences of another length than max_len are refused, naming the expected shape."""
+    """Sequences longer than max_len are refused, naming the expected shape."""
     config = _CONFIGS[0]
     params = init_params(jax.random.key(0), config)
     with pytest.raises(ValueError, match=r"seqs: expected shape \[batch, 10\]"):
-        encode_users(params, np.zeros((2, 9), np.int32), config=config)
+        encode_users(params, np.zeros((2, 11), np.int32), config=config)
+
+
+def test_narrow_window_equals_the_newest_slots_of_the_full_width() -> None:
+    """Rows that fit in W slots give the same outputs from a [B, W] window as from [B, L]."""
+    config = _CONFIGS[0]
+    params = init_params(jax.random.key(1), config)
+    full = np.zeros((2, config.max_len), np.int32)
+    full[0, -3:] = [4, 2, 7]
+    full[1, -1:] = [5]
+    narrow = full[:, -4:]
+    np.testing.assert_allclose(
+        np.asarray(sequence_outputs(params, narrow, config=config)),
+        np.asarray(sequence_outputs(params, full, config=config))[:, -4:],
+        rtol=1e-5, atol=1e-5,
+    )
+    np.testing.assert_allclose(
+        np.asarray(encode_users(params, narrow, config=config)),
+        np.asarray(encode_users(params, full, config=config)),
+        rtol=1e-5, atol=1e-5,
+    )
 
 
 def test_config_round_trips_through_dict() -> None:
