@@ -390,17 +390,28 @@ def render_ingest(name: str, report: IngestReport) -> str:
 def render_ranking(answer: dict[str, Any]) -> str:
     """A ``rank`` answer as a table: rank, item, score (and the score's parts)."""
     explain: list[dict[str, Any]] = answer.get("explain") or []
-    parts = [k for k in explain[0] if k != "known_to_model"] if explain else []
+    # the numeric parts: not the flags, nor the policies' entries or the position
+    parts = [k for k, v in explain[0].items()
+             if isinstance(v, int | float) and not isinstance(v, bool) and k != "position"
+             ] if explain else []  # fmt: skip
     header = ["rank", "item", "score", *parts] + (["model knows"] if explain else [])
     rows = []
     for n, (item, score) in enumerate(zip(answer["items"], answer["scores"], strict=True)):
         row = [str(n + 1), item, f"{score:.4f}"]
         if explain:
             row += [f"{explain[n][p]:.4f}" for p in parts]
-            row.append("yes" if explain[n].get("known_to_model") else "no")
+            row.append(_model_knows(explain[n]))
         rows.append(row)
     footer = f"scored by {answer.get('source', '?')}; ranking_id {answer.get('ranking_id', '?')}"
     return _table(header, rows, left={1}) + "\n" + footer
+
+
+def _model_knows(entry: dict[str, Any]) -> str:
+    """yes, no, or the rule of the item's cold-start vector ("cold: category")."""
+    if entry.get("known_to_model"):
+        return "yes"
+    cold = entry.get("cold_start")
+    return f"cold: {cold}" if cold else "no"
 
 
 def render_stats(stats: dict[str, Any]) -> str:

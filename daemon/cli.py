@@ -5,8 +5,9 @@ The ``rerankd`` command line.
 over its socket (``user`` and ``forget`` open the store directly with ``--offline``,
 for a stopped daemon); ``publish`` sends events to an MQTT or Kafka broker, for the daemon's
 feeds; ``import``, ``summary``, ``item``, ``log`` and ``snapshot`` open the store
-directly; ``check-config`` and ``plugins`` show the configuration and the registered
-plugins. Errors become one line ``rerankd: …`` on stderr and exit status 1
+directly; ``train``, ``eval`` and ``replay`` train and measure models offline
+(``daemon/_quality_cli.py``); ``check-config`` and ``plugins`` show the configuration and
+the registered plugins. Errors become one line ``rerankd: …`` on stderr and exit status 1
 (`CliError`); logs go to stderr, so stdout is only the command's output.
 
 Whatever writes or looks up users offline (``import``, ``demo``, ``user`` and
@@ -45,6 +46,7 @@ from daemon._cli_socket import (
 )
 from daemon._errors import DaemonError
 from daemon._plugins import check_user_ids, load_plugins
+from daemon._quality_cli import eval_command, replay_command, train_command
 from daemon.config import Config, load_config
 from daemon.logs import configure_logging
 from eventstore import EventDecoder, Store, StoreError
@@ -743,6 +745,10 @@ def _toml_value(key: str, value: Any) -> str:  # noqa: PLR0911 - one return per 
 
 def _toml_key(key: str) -> str:
     return key if _BARE_KEY.fullmatch(key) else _toml_value("", key)
+
+
+for _command in (train_command, eval_command, replay_command):
+    main.add_command(_command)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -20,6 +20,7 @@ from typing import Any, Final
 import msgspec
 
 from daemon._errors import ConfigError
+from daemon.online import OnlineOptions
 from eventstore import FoldConfig, Limits
 from plugins.registry import REGISTRY
 
@@ -134,6 +135,11 @@ class RankingSection:
             its ranking_id), so that later clicks attribute to it.
         refresh_vectors: re-encode a user's vector in the background as soon as the
             user's events are folded, so that the next rank finds it ready.
+        cold_start: give each item the state knows and the model does not (one that
+            arrived after training) a stand-in embedding until the next retrain: the
+            mean of the model items of its category, else of those sharing a tag, else
+            of the most popular ones (`daemon._coldstart`). Off: such items get no dot
+            product and rank by their features alone.
         train_on_start: with no model_path, train a small model from the log in the
             background (written to ``<data_dir>/model.safetensors`` and used by later
             starts too), ranking by features until it is ready.
@@ -149,6 +155,7 @@ class RankingSection:
     candidate_buckets: tuple[int, ...] = (64, 128, 256, 512, 1024, 2048, 4096, 8192)
     record_impressions: bool = True
     refresh_vectors: bool = True
+    cold_start: bool = True
     train_on_start: bool = True
     train_max_seconds: float = 300.0
 
@@ -358,6 +365,7 @@ class Config:
     metrics: MetricsSection = field(default_factory=MetricsSection)
     mqtt: MqttSection = field(default_factory=MqttSection)
     kafka: KafkaSection = field(default_factory=KafkaSection)
+    online: OnlineOptions = field(default_factory=OnlineOptions)
     plugins: PluginsSection = field(default_factory=PluginsSection)
     source: str = DEFAULTS_SOURCE
 
@@ -371,6 +379,7 @@ _SECTIONS: Final = {
     "metrics": MetricsSection,
     "mqtt": MqttSection,
     "kafka": KafkaSection,
+    "online": OnlineOptions,
     "plugins": PluginsSection,
 }
 

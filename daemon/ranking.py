@@ -6,9 +6,13 @@ users whose events changed since their vector was cached) and one score call. It
 reads the state that the writer thread folds into; it never writes it.
 
 Scores. With a model, ``score = <user vector, item embedding> + w · features``; a
-user without history (or unknown) and an item the model does not know contribute a
-zero dot product, so they rank by features alone (cold start). Without a model the
-score is the features alone. The features of a candidate, computed from the state:
+user without history (or unknown) contributes a zero dot product, and so does an
+item the model does not know, unless it has a cold-start vector: an item the state
+knows that arrived after the model was trained gets one from the model items of its
+category or tags, or from the most popular ones (`daemon._coldstart`, built in the
+background by `Ranking.refresh_cold_start`, ``[ranking].cold_start``). Without a
+model the score is the features alone. The features of a candidate, computed from
+the state:
 
 - ``popularity``: log(1 + the item's popularity decayed to now);
 - ``interest``: the user's decayed interest in the item's category;
@@ -42,7 +46,8 @@ from typing import Any
 
 import numpy as np
 
-from daemon._rankloops import features_batch, rank_batch_fused
+from daemon._coldstart import ColdTable, build_cold_table
+from daemon._rankloops import apply_cold_rows, features_batch, rank_batch_fused
 from daemon.candidates import Catalog
 from daemon.protocol import Rank
 from eventstore import State
@@ -75,13 +80,18 @@ class _Batch:
     offsets: np.ndarray  # int64 [B + 1]
     user_rows: np.ndarray  # int64 [B], -1 for a user the state does not know
     rows: np.ndarray  # int32 [T], state rows, -1 unknown
-    models: np.ndarray  # int32 [T], model indices, 0 unknown
+    models: np.ndarray  # int32 [T], rows of ``table``: model indices, cold rows, 0 unknown
     features: np.ndarray  # float32 [T, F]
     state: State | None = None  # what the batch was prepared on (the ranking policies read it)
     now: float = 0.0  # the time the features were computed for
+    table: np.ndarray | None = None  # the item table ``models`` index (None without a model)
+    cold: ColdTable | None = None  # the cold-start table the batch used, if any
+    #: the weights of ``features``' columns: FEATURES, then 1.0 for the online bias if any
+    weights: np.ndarray | None = None
 
 
 _NO_TABLE = np.zeros((1, 1), np.float32)
+_NO_COLD = np.zeros(0, np.int32)  # no state row has a cold-start row
 
 
 class Ranking:
@@ -96,6 +106,9 @@ class Ranking:
         clock: seconds since the epoch (injectable for tests).
         policies: the ranking policies, run in order on every answer (see
             :meth:`_apply_policies`); replace the attribute to change them.
+        cold_start: give the items the state knows and the model does not a
+            cold-start vector (`daemon._coldstart`) once `refresh_cold_start` built
+            them; the attribute may be changed later.
     """
 
     def __init__(
@@ -107,6 +120,7 @@ class Ranking:
         weights: Sequence[float] = (0.5, 1.0, 0.2),
         clock: Callable[[], float] = time.time,
         policies: Sequence[RankingPolicy] = (),
+        cold_start: bool = True,
     ) -> None:
         self._state_of = state_of
         self.ranker = ranker
@@ -121,6 +135,15 @@ class Ranking:
         # the catalogue is grown by the rank path and the vector refresher (two threads)
         self._catalog_lock = threading.Lock()
         self._newest = (-math.inf, 0.0)  # (wall time of the check, newest event time)
+        self.cold_start = cold_start
+        # published whole by refresh_cold_start, read once per batch: never half-built
+        self._cold: ColdTable | None = None
+        # (the model it was learnt for, item biases [V + 1]): set_item_bias, read once per batch
+        self._online: tuple[Ranker, np.ndarray] | None = None
+        self._index_of: tuple[Sequence[str], dict[str, int]] | None = None  # model_index's
+        #: called with (the old vector, model indices of the items interacted with since)
+        #: whenever a cached user vector is re-encoded: the online learning step's examples
+        self.observer: Callable[[np.ndarray, np.ndarray], None] | None = None
         self.cache_hits = 0
         self.cache_misses = 0
         self.refreshed = 0  # vectors re-encoded by `refresh`, off the request path
@@ -138,7 +161,7 @@ class Ranking:
                 self._catalog = Catalog(self._vocabulary)
                 self._state_seen = state
             self._catalog.sync(state.item_ids)
-            batch = self._prepare(state, requests)
+            batch = self._prepare(state, requests, self._current_cold(state))
         vectors = has_vector = None
         if self.ranker is not None:
             vectors = self._user_vectors(state, batch.user_rows)
@@ -250,10 +273,84 @@ class Ranking:
         self._catalog = Catalog(vocabulary)
         self.weights = np.asarray(weights, np.float32)
         self._vectors.clear()
+        self._cold = None  # the old model's: the next refresh_cold_start builds the new one's
+
+    # ------------------------------------------------------------ cold start
+
+    def refresh_cold_start(self, *, max_age_s: float = 60.0) -> bool:
+        """
+        Build and publish the cold-start vectors when they are missing or out of date.
+
+        Off the request path (the daemon calls it every second on a thread of its own).
+        A full build (`daemon._coldstart.build_cold_table`) when the model or the state
+        changed, or when the last full build is older than ``max_age_s`` and events
+        arrived since (categories, tags and popularity change); a build that places
+        only the new items when the state knows items the last build did not. Returns
+        whether it built one. With `cold_start` off it drops the table instead.
+        """
+        if not self.cold_start:
+            self._cold = None
+            return False
+        with self._catalog_lock:
+            ranker, state = self.ranker, self._state_of()
+            if ranker is None or self._pending_model is not None or state is not self._state_seen:
+                return False  # nothing to build for, or the next batch resets first
+            self._catalog.sync(state.item_ids)
+            model_of_row = self._catalog.model_of_row  # replaced by sync, never changed
+        cold, now = self._cold, time.monotonic()
+        previous = None
+        if cold is not None and cold.model is ranker and cold.state is state and (
+                cold.offset == state.offset or now - cold.built_at < max_age_s):  # fmt: skip
+            if cold.n_rows == len(model_of_row):
+                return False
+            previous = cold  # the same model, state and groups: place the new items only
+        self._cold = build_cold_table(state, model_of_row, ranker.item_table, model=ranker,
+                                      built_at=now, previous=previous)  # fmt: skip
+        return True
+
+    # ------------------------------------------------------------ online biases
+
+    def set_item_bias(self, bias: np.ndarray | None) -> None:
+        """
+        Add ``bias[model index]`` to every candidate's score from the next batch on.
+
+        From the online learning step (`daemon.online`): ``bias`` is float32 ``[V + 1]``
+        for the model being served now (a bias for another model's table, after a swap,
+        is ignored), handed over whole and never changed afterwards; None removes it.
+        Items the model does not know (cold-start rows included) get no bias.
+        """
+        ranker = self.ranker
+        if bias is None or ranker is None or len(bias) != ranker.item_table.shape[0]:
+            self._online = None
+            return
+        self._online = (ranker, np.asarray(bias, np.float32))
+
+    def cached_vector(self, user_row: int) -> np.ndarray | None:
+        """The user vector last used for ``user_row`` (None when none is cached)."""
+        cached = self._vectors.get(user_row)
+        return None if cached is None else cached[1]
+
+    def model_index(self, item: str) -> int:
+        """The model's index of ``item`` (0 when the model does not know it)."""
+        vocabulary, cached = self._vocabulary, self._index_of
+        if cached is None or cached[0] is not vocabulary:
+            cached = self._index_of = (vocabulary, {v: i + 1 for i, v in enumerate(vocabulary)})
+        return cached[1].get(item, 0)
+
+    def _current_bias(self) -> np.ndarray | None:
+        online = self._online
+        return online[1] if online is not None and online[0] is self.ranker else None
+
+    def _current_cold(self, state: State) -> ColdTable | None:
+        """The published cold-start table, if it belongs to this model and state."""
+        cold = self._cold
+        if cold is None or not self.cold_start or cold.model is not self.ranker:
+            return None
+        return cold if cold.state is state else None
 
     # ------------------------------------------------------------ preparing
 
-    def _prepare(self, state: State, requests: Sequence[Rank]) -> _Batch:
+    def _prepare(self, state: State, requests: Sequence[Rank], cold: ColdTable | None) -> _Batch:
         sizes = [len(r.candidates) for r in requests]
         offsets = np.zeros(len(requests) + 1, np.int64)
         np.cumsum(sizes, out=offsets[1:])
@@ -265,14 +362,27 @@ class Ranking:
             rows[t0:t1], models[t0:t1] = self._catalog.lookup(request.candidates)
         index = state.user_index
         user_rows = np.fromiter((index.get(r.user, -1) for r in requests), np.int64, len(requests))
-        features = np.empty((total, len(FEATURES)), np.float32)
+        bias = self._current_bias()
+        features = np.empty((total, len(FEATURES) + (bias is not None)), np.float32)
         # arrays fetched after the catalogue's sync: they are at least as long as the rows it knows
         columns = (state.array(n) for n in ("pop", "pop_ts", "created_at", "category",
                                             "cat_idx", "cat_w", "cat_ts"))  # fmt: skip
         now = self._now(state, rows)
         features_batch(rows, offsets, user_rows, *columns, state.K, now,
                        state.config.half_life_s, features)  # fmt: skip
-        return _Batch(requests, offsets, user_rows, rows, models, features, state, now)
+        table = None
+        if cold is not None:
+            table = cold.table
+        elif self.ranker is not None:
+            table = self.ranker.item_table
+        weights = self.weights
+        if bias is not None:  # model indices only: before the cold rows take their places
+            features[:, len(FEATURES)] = bias[np.minimum(models, len(bias) - 1)] * (models > 0)
+            weights = np.append(weights, np.float32(1.0))
+        # called for every batch, so that the start's warm-up batch compiles it too
+        apply_cold_rows(rows, models, _NO_COLD if cold is None else cold.index_of_row)
+        return _Batch(requests, offsets, user_rows, rows, models, features, state, now, table,
+                      cold, weights)  # fmt: skip
 
     # --------------------------------------------------------------- vectors
 
@@ -306,9 +416,15 @@ class Ranking:
         max_len = ranker.config.max_len
         seqs = np.zeros((len(rows), max_len), np.int32)
         model_of_row = self._catalog.model_of_row
+        observer = self.observer
         for r, u in enumerate(rows):
             items = state.sequence(u)
             items = items[items < len(model_of_row)]  # rows newer than the catalogue: skipped
+            old = self._vectors.get(u) if observer is not None else None
+            if observer is not None and old is not None and stale[u] > old[0]:
+                # the interactions folded since the old vector was encoded, with that vector
+                new = model_of_row[items[len(items) - min(stale[u] - old[0], len(items)) :]]
+                observer(old[1], new[new > 0])
             seq = model_of_row[items]
             seq = seq[seq > 0][-max_len:]
             if len(seq):
@@ -328,10 +444,10 @@ class Ranking:
     ) -> list[RankedList]:
         """Scores and top k of the whole batch in one compiled pass (CPU, or no model)."""
         b = len(batch.requests)
-        if vectors is None or has_vector is None or self.ranker is None:
+        if vectors is None or has_vector is None or batch.table is None:
             table, vectors, has_vector = _NO_TABLE, np.zeros((b, 1), np.float32), np.zeros(b, bool)
         else:
-            table = self.ranker.item_table
+            table = batch.table  # the model's rows, plus the cold-start rows if any
         total = len(batch.rows)
         # the policies see every candidate: the request's k applies after them
         ks = np.fromiter((total if self.policies else r.k or total for r in batch.requests),
@@ -340,7 +456,7 @@ class Ranking:
         order = np.empty(total, np.int64)
         counts = np.empty(b, np.int64)
         code = rank_batch_fused(table, vectors, has_vector, batch.models, batch.offsets, ks,
-                                batch.features, self.weights, scores, order, counts)  # fmt: skip
+                                batch.features, batch.weights, scores, order, counts)  # fmt: skip
         if code != 0:
             msg = "a model index outside the model's item table"
             raise RuntimeError(msg)
@@ -354,7 +470,15 @@ class Ranking:
     def _score_on_device(
         self, batch: _Batch, vectors: np.ndarray, has_vector: np.ndarray
     ) -> list[RankedList]:
-        """Scores and top k from the compiled JAX kernel (an accelerator holds the table)."""
+        """
+        Scores and top k from the compiled JAX kernel (an accelerator holds the table).
+
+        The device's table is the model's, compiled for its shape: cold-start rows are
+        not on it. A cold candidate goes to the kernel as unknown (index 0), and its dot
+        product with the user's vector is added here on the host, from the batch's
+        table; requests with one are then ordered here (a stable sort) instead of by
+        the kernel's top k.
+        """
         assert self.ranker is not None
         offsets = batch.offsets
         sizes = np.diff(offsets)
@@ -366,14 +490,27 @@ class Ranking:
             t0, t1 = offsets[k], offsets[k + 1]
             idx[k, : t1 - t0] = batch.models[t0:t1]
             where[k, : t1 - t0] = True
-            feats[k, : t1 - t0] = batch.features[t0:t1]
+            feats[k, : t1 - t0] = batch.features[t0:t1, : len(FEATURES)]
+        cold_idx, is_cold = idx, np.zeros((rows, cols), bool)
+        if batch.cold is not None:
+            is_cold = idx >= batch.cold.first_cold
+            idx = np.where(is_cold, 0, idx)
         scored = self.ranker.score(vectors, idx, where=where, features=feats)
         out = []
         for k, request in enumerate(batch.requests):
             n = int(sizes[k])
             scores = scored.scores[k, :n]
             top = scored.top_idx[k]
-            if request.k is not None and request.k <= len(top) and not self.policies:
+            cold = np.flatnonzero(is_cold[k, :n]) if has_vector[k] else ()
+            biased = batch.features.shape[1] > len(FEATURES)
+            if len(cold) or biased:
+                assert batch.table is not None
+                scores = scores.copy()
+                scores[cold] += batch.table[cold_idx[k, cold]] @ vectors[k]
+                if biased:  # the online bias, which the device's kernel does not know
+                    scores += batch.features[offsets[k] : offsets[k + 1], len(FEATURES)]
+                order = np.argsort(-scores, kind="stable")[: None if self.policies else request.k]
+            elif request.k is not None and request.k <= len(top) and not self.policies:
                 order = top[: request.k][top[: request.k] >= 0]  # same order as a stable sort
             else:
                 order = np.argsort(-scores, kind="stable")[: None if self.policies else request.k]
@@ -412,16 +549,15 @@ class Ranking:
         assert batch.state is not None
         t0 = int(batch.offsets[k])
         picked = t0 + order  # positions in the batch's flat arrays, best first
-        ranker = self.ranker
-        embeddings = (ranker.item_table[batch.models[picked]]
-                      if ranker is not None and has_vector else None)  # fmt: skip
+        embeddings = (batch.table[batch.models[picked]]
+                      if batch.table is not None and has_vector else None)  # fmt: skip
         items = request.candidates.pick(order)
         policy_in = PolicyInput(
             user=request.user, user_row=int(batch.user_rows[k]), items=items,
             scores=scores[order].astype(np.float32), rows=batch.rows[picked].astype(np.int64),
             state=batch.state, k=request.k or len(items),
             context={**(request.context or {}), "now": batch.now}, embeddings=embeddings,
-            features=batch.features[picked] @ self.weights,
+            features=batch.features[picked] @ batch.weights,
         )  # fmt: skip
         chain = run_policies(self.policies, policy_in)
         picked = picked[chain.kept]
@@ -442,8 +578,21 @@ class Ranking:
     def _explain_one(
         self, batch: _Batch, t: int, score: float, *, has_vector: bool
     ) -> dict[str, Any]:
-        parts = {name: round(float(self.weights[f] * batch.features[t, f]), 6)
-                 for f, name in enumerate(FEATURES)}  # fmt: skip
-        known = bool(batch.models[t])
-        model = score - sum(parts.values()) if has_vector and known else 0.0
-        return {"model": round(model, 6), **parts, "known_to_model": known}
+        """
+        One candidate's score parts.
+
+        ``cold_start`` names the rule of the item's cold-start vector
+        (`daemon._coldstart.COLD_KINDS`) when it has one, and is absent otherwise.
+        """
+        assert batch.weights is not None
+        names = FEATURES + ("online_bias",) * (batch.features.shape[1] - len(FEATURES))
+        parts = {name: round(float(batch.weights[f] * batch.features[t, f]), 6)
+                 for f, name in enumerate(names)}  # fmt: skip
+        m = int(batch.models[t])
+        cold = batch.cold.kind(m) if batch.cold is not None and m else None
+        model = score - sum(parts.values()) if has_vector and m else 0.0
+        entry: dict[str, Any] = {"model": round(model, 6), **parts,
+                                 "known_to_model": bool(m) and cold is None}  # fmt: skip
+        if cold is not None:
+            entry["cold_start"] = cold
+        return entry

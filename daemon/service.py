@@ -27,7 +27,6 @@ import time
 import uuid
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
@@ -35,6 +34,14 @@ import structlog
 
 from daemon._errors import DaemonError
 from daemon._export import item_aggregates
+from daemon._model import (
+    NO_MODEL,
+    TRAINED_MODEL,
+    ModelRefusedError,
+    ServedModel,
+    feature_weights,
+    load_served_model,
+)
 from daemon._plugins import Plugins, check_user_ids, load_plugins
 from daemon._retention import RetentionSweeper
 from daemon.autotrain import train_from_log
@@ -42,6 +49,7 @@ from daemon.candidates import Candidates
 from daemon.config import DEFAULTS_SOURCE, Config, load_config
 from daemon.feeds import FeedSink
 from daemon.metrics import Metrics
+from daemon.online import OnlineLearner
 from daemon.protocol import (
     Export,
     Forget,
@@ -60,17 +68,14 @@ from daemon.systemd import inherited_socket, notify, watchdog_interval_s
 from eventstore import BackpressureError, EventDecoder, GroupCommitter, Store
 from eventstore.schema import Event, ItemsShown, Rejection, UserForgotten
 from eventstore.store import LOG_FILE
-from kernels.modelfile import ModelFileError, load_model
-from kernels.runtime import Ranker
 from plugins.registry import PrivacyChain
 
-__all__ = ["Service", "ShutdownRequested", "run"]
+__all__ = ["TRAINED_MODEL", "Service", "ShutdownRequested", "run"]
 
 _log = structlog.get_logger("daemon.service")
 _IMPRESSION_FLUSH_S = 0.005
 _REFRESH_CHUNK = 8  # users re-encoded per refresher job: short jobs, so batches never wait long
-#: Where a model trained from the log on a first start goes (under [store].data_dir).
-TRAINED_MODEL = "model.safetensors"
+_COLD_START_TICK_S = 1.0  # how often the cold-start vectors are checked (and rebuilt if stale)
 _MAX_PENDING_IMPRESSIONS = 100_000
 
 
@@ -163,12 +168,13 @@ class Service:
         self.config = config
         self.started = time.time()
         self.kernel_thread = ThreadPoolExecutor(1, thread_name_prefix="daemon[kernels]")
+        self._cold_start_thread = ThreadPoolExecutor(1, thread_name_prefix="daemon[cold-start]")
         self.store: Store | None = None
         self.committer: GroupCommitter | None = None
         self.ranking: Ranking | None = None
         self.batcher: _Batcher | None = None
         self.decoder = EventDecoder(config.limits)
-        self.model = _Model(None, (), "none", 0.0)
+        self.model = NO_MODEL
         # the configured plugins, built by open(); until then nothing is mapped or stored
         self.plugins = Plugins(PrivacyChain(), ())
         self._impressions: list[ItemsShown] = []
@@ -177,6 +183,7 @@ class Service:
         self.server: Server | None = None
         self.feeds: list[Any] = []  # daemon.feeds' MqttFeed / KafkaFeed, when configured
         self.retention: RetentionSweeper | None = None  # built by open()
+        self.online: OnlineLearner | None = None  # the [online] step, when enabled
         self._last_snapshot = (time.monotonic(), -1)  # (when, state offset it covered)
         # ranking ids: a random per-process prefix and a counter (unique without uuid4's
         # 2.5 µs of os.urandom per answer)
@@ -221,11 +228,12 @@ class Service:
         self.feeds = _make_feeds(self.config, FeedSink(
             self.committer, self.decoder, self.store.log.path, self.metrics,
             privacy=self.privacy_ingest))  # fmt: skip
-        self.model = _load_model(self.config)
+        self.model = self._first_model()
         store = self.store
         self.ranking = Ranking(
             lambda: store.state, ranker=self.model.ranker, vocabulary=self.model.vocabulary,
-            weights=_feature_weights(self.config), policies=self.plugins.policies,
+            weights=feature_weights(self.config), policies=self.plugins.policies,
+            cold_start=self.config.ranking.cold_start,
         )  # fmt: skip
         self._warm_policies()
         self.batcher = _Batcher(
@@ -235,10 +243,30 @@ class Service:
         # start), not on the first request: an unknown user and item, nothing written
         self.ranking.rank_batch([Rank(user="-", candidates=Candidates.parse(
             b'["-"]', max_count=1, max_id_bytes=1), explain=True)])  # fmt: skip
+        self.ranking.refresh_cold_start()  # the first cold-start vectors, before READY
         self._register_gauges()
         if self.config.metrics.listen:
             host, port = self.metrics.serve(self.config.metrics.listen)
             _log.info("metrics_serving", address=f"{host}:{port}")
+
+    def _first_model(self) -> ServedModel:
+        """
+        The model to start with (blocking): `load_served_model` on the restored state.
+
+        A refused file named by ``[ranking].model_path`` is a start-up error (the
+        operator asked for that model; systemd shows the reason). A refused file
+        trained from the log (``<data_dir>/model.safetensors``, no model_path) is
+        logged and set aside instead: the daemon starts ranking by features and, with
+        ``train_on_start``, trains a new one, so a bad retrain cannot keep it down.
+        """
+        assert self.store is not None
+        try:
+            return load_served_model(self.config, self.store.state)
+        except ModelRefusedError as error:
+            _log.error("model_refused", reason=error.reason, error=str(error), at="start")
+            if self.config.ranking.model_path is not None:
+                raise
+            return NO_MODEL
 
     def _warm_policies(self) -> None:
         """Compile what the policies compile (MMR's kernel) now, not on a request."""
@@ -317,6 +345,53 @@ class Service:
                 except Exception:  # noqa: BLE001 - a failed refresh leaves the encode to rank
                     _log.exception("vector_refresh_failed", users=len(chunk))
 
+    async def refresh_cold_start(self) -> None:
+        """
+        Keep the cold-start vectors current, off the request path.
+
+        Every `_COLD_START_TICK_S` a thread of its own checks them and rebuilds them
+        when the model, the state or its items changed (`Ranking.refresh_cold_start`):
+        an item that arrives now has its vector within about a second. Not the kernel
+        thread: a full build takes up to a tenth of a second on a large catalogue
+        (`daemon._coldstart`), which encodes waiting behind it would add to answers.
+        """
+        assert self.ranking is not None
+        ranking, loop = self.ranking, asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(_COLD_START_TICK_S)
+            if ranking.ranker is None:
+                continue  # nothing to build for
+            try:
+                await loop.run_in_executor(self._cold_start_thread, ranking.refresh_cold_start)
+            except Exception:  # noqa: BLE001 - stale vectors until the next tick; ranking goes on
+                _log.exception("cold_start_refresh_failed")
+
+    async def online_step(self) -> None:
+        """
+        ``[online]``: every ``interval_s``, one SGD step on the item biases, then publish them.
+
+        The step learns from the examples the ranking handed over since the last one
+        (`daemon.online`).
+
+        On the cold-start thread, not the kernel thread: a step over many examples
+        takes milliseconds that encodes would otherwise wait behind. After a model
+        swap the learner starts again from zero biases for the new model.
+        """
+        assert self.ranking is not None
+        ranking, loop = self.ranking, asyncio.get_running_loop()
+        learner = self.online = OnlineLearner(self.config.online)
+        while True:
+            if ranking.ranker is not None and learner.model is not ranking.ranker:
+                learner.attach(ranking)  # the first model, or a swapped-in one
+            await asyncio.sleep(self.config.online.interval_s)
+            if ranking.ranker is None or learner.model is not ranking.ranker:
+                continue
+            try:
+                if await loop.run_in_executor(self._cold_start_thread, learner.step):
+                    learner.publish()
+            except Exception:  # noqa: BLE001 - the biases stay as they were; ranking goes on
+                _log.exception("online_step_failed")
+
     def start_training(self) -> None:
         """
         With no model: train one from the log in the background, then serve it.
@@ -345,12 +420,16 @@ class Service:
                 _log.info("model_training_skipped", reason=result.reason,
                           scoring="popularity, category interest and freshness")  # fmt: skip
                 return
-            model = _load_model(config)
+            assert self.store is not None
+            model = load_served_model(config, self.store.state)
+        except ModelRefusedError as error:  # e.g. a diverged run: NaN parameters
+            _log.error("model_refused", reason=error.reason, error=str(error), at="training")
+            return
         except Exception:  # noqa: BLE001 - training is best effort; ranking goes on by features
             _log.exception("model_training_failed")
             return
         assert self.ranking is not None
-        self.ranking.replace_model(model.ranker, model.vocabulary, _feature_weights(config))
+        self.ranking.replace_model(model.ranker, model.vocabulary, feature_weights(config))
         self.model = model
         _log.info("model_trained", path=str(out), items=result.items, users=result.users,
                   epochs=result.epochs, seconds=round(result.seconds, 1))  # fmt: skip
@@ -376,6 +455,8 @@ class Service:
             "rerankd_vectors_refreshed": ("User vectors re-encoded in the background",
                                           lambda: ranking.refreshed),
             "rerankd_compiled_kernels": ("Compiled kernel executables", self._compile_count),
+            "rerankd_online_examples": ("Examples the online learning step has used",
+                                        lambda: self.online.examples if self.online else 0),
             "rerankd_connections": ("Open socket connections",
                                     lambda: self.server.connections if self.server else 0),
         }  # fmt: skip
@@ -413,23 +494,28 @@ class Service:
                        "switched on or off); nothing was changed. Re-keying is an offline "
                        "replay of the log: see README, Key rotation")  # fmt: skip
             return
-        try:
-            model = await asyncio.to_thread(_load_model, config)
-        except (DaemonError, ModelFileError, OSError, ValueError) as error:
+        assert self.store is not None
+        assert self.ranking is not None
+        try:  # loaded and checked in a worker thread; nothing is swapped before it passes
+            model = await asyncio.to_thread(load_served_model, config, self.store.state)
+        except ModelRefusedError as error:
+            _log.error("model_refused", reason=error.reason, error=str(error), at="reload")
+            return
+        except (DaemonError, OSError, ValueError) as error:
             _log.error("reload_failed", error=str(error))
             return
-        for section in ("store", "server", "fold", "limits"):
+        for section in ("store", "server", "fold", "limits", "online"):
             if getattr(config, section) != getattr(self.config, section):
                 _log.warning("reload_needs_restart", section=section)
-        assert self.ranking is not None
-        self.ranking.replace_model(model.ranker, model.vocabulary, _feature_weights(config))
+        self.ranking.replace_model(model.ranker, model.vocabulary, feature_weights(config))
+        self.ranking.cold_start = config.ranking.cold_start
         self.config, self.model, self.plugins = config, model, plugins
         if self.retention is not None:
             self.retention.wake()  # sweep under the new plugins' retention, if any, now
         self.ranking.policies = plugins.policies  # read once per answer: a plain swap
         await asyncio.to_thread(self._warm_policies)
         _log_plugins(plugins)
-        _log.info("reloaded", model=model.source)
+        _log.info("reloaded", model=model.source, model_created_at=model.created_at)
 
     def close(self) -> None:
         """Flush the writer, snapshot and close the log (idempotent)."""
@@ -440,6 +526,7 @@ class Service:
         if self.store is not None:
             self.store.close()
         self.kernel_thread.shutdown(wait=True)
+        self._cold_start_thread.shutdown(wait=True)
         self.metrics.close()
 
     # -------------------------------------------------------------- handlers
@@ -682,8 +769,11 @@ class Service:
             "snapshot_age_s": round(time.monotonic() - self._last_snapshot[0], 3),
             "retention": self.retention.last if self.retention else None,
             "model": self.model.source,
+            "model_created_at": self.model.created_at,
             "warmup_s": round(self.model.warmup_s, 3),
             "compile_count": self._compile_count(),
+            "online": ({"examples": self.online.examples, "steps": self.online.steps}
+                       if self.online is not None else None),
             "feeds": {feed.name: feed.stats() for feed in self.feeds},
             "plugins": {"privacy": self.plugins.privacy.names,
                         "policies": [p.name for p in self.plugins.policies]},
@@ -699,44 +789,6 @@ class Service:
             "busy": m.total("rerankd_errors_total", code="busy"),
             "impressions_dropped": m.total("rerankd_impressions_dropped_total"),
         }
-
-
-@dataclass(frozen=True, slots=True)
-class _Model:
-    """The model being served: its kernels, vocabulary, where it came from, warm-up time."""
-
-    ranker: Ranker | None
-    vocabulary: Sequence[str]
-    source: str
-    warmup_s: float
-
-
-def _load_model(config: Config) -> _Model:
-    """
-    Load and warm up the model to serve (blocking), or none.
-
-    The configured ``model_path``; without one, the model trained from the log at an
-    earlier start (``<data_dir>/model.safetensors``), if there is one.
-    """
-    path = config.ranking.model_path
-    if path is None:
-        trained = config.store.data_dir / TRAINED_MODEL
-        if not trained.exists():
-            return _Model(None, (), "none", 0.0)
-        path = trained
-    loaded = load_model(path)
-    ranker = Ranker(
-        loaded.params, loaded.config, feature_weights=_feature_weights(config),
-        batch_buckets=config.ranking.batch_buckets,
-        candidate_buckets=config.ranking.candidate_buckets,
-    )  # fmt: skip
-    # on a CPU the daemon scores with its own compiled loops (daemon.ranking): only the
-    # encoders need compiling then
-    report = ranker.warmup(scorers=not ranker.host_scores)
-    _log.info("model_loaded", path=str(path), items=loaded.config.num_items,
-              executables=report.executables, warmup_s=round(report.seconds, 2),
-              device=report.device)  # fmt: skip
-    return _Model(ranker, loaded.manifest.vocabulary, str(path), report.seconds)
 
 
 def _log_plugins(plugins: Plugins) -> None:
@@ -757,11 +809,6 @@ def _make_feeds(config: Config, sink: FeedSink) -> list[Any]:
 
         feeds.append(KafkaFeed(config.kafka, sink))
     return feeds
-
-
-def _feature_weights(config: Config) -> tuple[float, float, float]:
-    r = config.ranking
-    return (r.popularity_weight, r.interest_weight, r.freshness_weight)
 
 
 # ------------------------------------------------------------------- lifecycle
@@ -859,6 +906,9 @@ async def _serve(service: Service, server: Server, shutdown: asyncio.Event) -> N
                 tg.create_task(feed.run(), name=f"daemon[feeds].{feed.name}")
             if service.config.ranking.refresh_vectors:
                 tg.create_task(service.refresh_vectors(), name="daemon[ranking].refresher")
+            tg.create_task(service.refresh_cold_start(), name="daemon[ranking].cold_start")
+            if service.config.online.enabled:
+                tg.create_task(service.online_step(), name="daemon[ranking].online")
             tg.create_task(
                 _stop_on(shutdown, server, service.config.server.graceful_timeout_s),
                 name="daemon[main].shutdown",

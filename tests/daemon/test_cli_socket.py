@@ -16,7 +16,7 @@ from typing import Any
 import msgspec
 import pytest
 
-from daemon._cli_socket import IngestReport, ingest, read_batches, render_stats
+from daemon._cli_socket import IngestReport, ingest, read_batches, render_ranking, render_stats
 
 NOW = time.time()
 
@@ -198,6 +198,21 @@ def test_render_stats_dots_nested_keys() -> None:
     """Readable stats: one aligned line per value, nested keys dotted."""
     text = render_stats({"users": 3, "events": {"ingested": 12, "busy": 0}})
     assert ["users            3", "events.ingested  12", "events.busy      0"] == text.splitlines()
+
+
+def test_render_ranking_shows_numeric_parts_and_what_the_model_knows() -> None:
+    """The explain table has the numeric parts as columns; a cold-start item shows its rule."""
+    explain = [
+        {"model": 0.5, "popularity": 0.25, "known_to_model": False, "cold_start": "category",
+         "policies": {"mmr": {}}, "position": 0},
+        {"model": 0.0, "popularity": 0.5, "known_to_model": True, "policies": {}, "position": 1},
+    ]  # fmt: skip
+    text = render_ranking({"items": ["new", "old"], "scores": [0.75, 0.5], "explain": explain,
+                           "source": "model", "ranking_id": "r-1"})  # fmt: skip
+    header, first, second = text.splitlines()[:3]
+    assert ["rank", "item", "score", "model", "popularity", "model", "knows"] == header.split()
+    assert first.split()[-2:] == ["cold:", "category"]
+    assert second.split()[-1] == "yes"
 
 
 def test_forget_over_the_socket(shared_daemon: Any, rerankd: Any) -> None:

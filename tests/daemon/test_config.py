@@ -28,7 +28,7 @@ def test_example_config_equals_the_defaults() -> None:
 
 @pytest.mark.parametrize(("text", "message"), [
     ("[store]\nbogus = 1\n", "[store].bogus: unknown key; known: data_dir"),
-    ("[nope]\n", "[nope]: unknown section; known: fold, kafka, limits, metrics, mqtt, plugins, ranking, server, store"),
+    ("[nope]\n", "[nope]: unknown section; known: fold, kafka, limits, metrics, mqtt, online, plugins, ranking, server, store"),
     ('[fold]\nseq_len = "x"\n', "[fold].seq_len: expected int"),
     ("[fold]\nseq_len = 0\n", "seq_len: expected 1..4096, got 0"),
     ("[fold.weights]\nclik = 1.0\n", "weights: unknown event types ['clik']"),
@@ -39,6 +39,8 @@ def test_example_config_equals_the_defaults() -> None:
     ('[mqtt]\ntopics = "a/#"\n', "[mqtt].topics: expected"),
     ('[kafka]\nsecurity_protocol = "TLS"\n', "[kafka]: security_protocol must be PLAINTEXT"),
     ('[kafka]\ngroup_id = ""\n', "[kafka]: group_id must not be empty"),
+    ("[online]\nlearning_rate = 0\n", "[online]: learning_rate must be > 0"),
+    ("[online]\nenabled = 1.5\n", "[online].enabled: expected bool"),
     ('[plugins]\nprivacy = ["nope"]\n', ("[plugins].privacy: unknown plugin 'nope'; known "
                                           "(entry points rerankd.plugins): ")),
     ('[plugins]\nprivacy = "mask"\n', "[plugins].privacy: expected a list of plugin names"),

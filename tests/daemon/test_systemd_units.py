@@ -34,12 +34,16 @@ from daemon.client import Client
 ROOT = Path(__file__).resolve().parents[2]
 UNITS = ROOT / "systemd"
 SERVICE, SOCKET = "rerankd.service", "rerankd.socket"
+RETRAIN, TIMER = "rerankd-retrain.service", "rerankd-retrain.timer"
+ALL_UNITS = (SERVICE, SOCKET, RETRAIN, TIMER)
 
 #: What ``systemd-analyze security --offline=true`` gives with systemd 252 (Debian
 #: 12): 1.3, "OK". Dropping any one of SystemCallFilter= (2.8), CapabilityBoundingSet=
 #: (3.0), RestrictNamespaces= (2.0), PrivateDevices= (1.5), ProtectProc= (1.4), ...
 #: goes above it. A newer systemd may rate differently: measure again then.
 MAX_EXPOSURE = 1.3
+#: The same for rerankd-retrain.service, measured alike: 0.4, "SAFE" (no network).
+MAX_RETRAIN_EXPOSURE = 0.4
 
 #: The daemon under test pings every WATCHDOG_USEC / 2 = 0.5 s.
 _WATCHDOG_USEC = 1_000_000
@@ -150,23 +154,24 @@ def fixture_analyze() -> str:
 @pytest.fixture(name="units")
 def fixture_units(tmp_path: Path) -> Path:
     """
-    Both units in a temporary directory, ExecStart= pointing at an executable that
-    exists (verify insists on it) instead of /usr/local/bin/rerankd.
+    Every unit in a temporary directory, the services' ExecStart= pointing at an
+    executable that exists (verify insists on it) instead of /usr/local/bin/rerankd.
     """
     directory = tmp_path / "units"
     directory.mkdir()
-    shutil.copy(UNITS / SOCKET, directory / SOCKET)
-    text = (UNITS / SERVICE).read_text()
-    assert "ExecStart=/usr/local/bin/rerankd " in text
-    text = text.replace("ExecStart=/usr/local/bin/rerankd ", f"ExecStart={sys.executable} ")
-    (directory / SERVICE).write_text(text)
+    for unit in ALL_UNITS:
+        text = (UNITS / unit).read_text()
+        if unit.endswith(".service"):
+            assert "ExecStart=/usr/local/bin/rerankd " in text
+            text = text.replace("ExecStart=/usr/local/bin/rerankd ", f"ExecStart={sys.executable} ")
+        (directory / unit).write_text(text)
     return directory
 
 
 def _verify(analyze: str, units: Path) -> tuple[int, list[str]]:
     """Exit status of `systemd-analyze verify` and its output lines about our units."""
     result = subprocess.run(
-        [analyze, "verify", units / SERVICE, units / SOCKET],
+        [analyze, "verify", *(units / unit for unit in ALL_UNITS)],
         capture_output=True, text=True, cwd=units, timeout=60, check=False,
     )  # fmt: skip
     lines = (result.stdout + result.stderr).splitlines()
@@ -176,28 +181,87 @@ def _verify(analyze: str, units: Path) -> tuple[int, list[str]]:
 # ------------------------------------------------------- systemd-analyze
 
 
-def test_verify_accepts_both_units(analyze: str, units: Path) -> None:
-    """`systemd-analyze verify` exits 0 and prints nothing about rerankd's units."""
+def test_verify_accepts_every_unit(analyze: str, units: Path) -> None:
+    """
+    `systemd-analyze verify` of the service, the socket, the retrain service and its
+    timer exits 0 and prints nothing about rerankd's units.
+    """
     assert (0, []) == _verify(analyze, units)
 
 
-def test_verify_reports_a_misspelt_directive(analyze: str, units: Path) -> None:
+@pytest.mark.parametrize(("unit", "key"), [
+    (SERVICE, "ProtectClock="), (RETRAIN, "PrivateNetwork="), (TIMER, "Persistent="),
+])  # fmt: skip
+def test_verify_reports_a_misspelt_directive(
+    analyze: str, units: Path, unit: str, key: str
+) -> None:
     """The check above would see a warning: a misspelt key is reported by unit name."""
-    service = units / SERVICE
-    service.write_text(service.read_text().replace("ProtectClock=", "ProtectClocks="))
+    path = units / unit
+    assert key in path.read_text()
+    path.write_text(path.read_text().replace(key, key.replace("=", "s=")))
     _, lines = _verify(analyze, units)
-    assert any("ProtectClocks" in line for line in lines)
+    assert any(key.replace("=", "s") in line and unit in line for line in lines)
 
 
-def test_security_exposure_is_at_most_the_measured_level(analyze: str, units: Path) -> None:
-    """`systemd-analyze security --offline=true` rates the service at most MAX_EXPOSURE."""
+@pytest.mark.parametrize(("unit", "limit"), [(SERVICE, MAX_EXPOSURE),
+                                             (RETRAIN, MAX_RETRAIN_EXPOSURE)])  # fmt: skip
+def test_security_exposure_is_at_most_the_measured_level(
+    analyze: str, units: Path, unit: str, limit: float
+) -> None:
+    """`systemd-analyze security --offline=true` rates each service at most as measured."""
     result = subprocess.run(
-        [analyze, "security", "--offline=true", "--no-pager", units / SERVICE],
+        [analyze, "security", "--offline=true", "--no-pager", units / unit],
         capture_output=True, text=True, cwd=units, timeout=60, check=False,
     )  # fmt: skip
     found = re.search(r"Overall exposure level for \S+: (\d+\.\d+)", result.stdout)
     assert found is not None, result.stdout + result.stderr
-    assert float(found.group(1)) <= MAX_EXPOSURE, result.stdout
+    assert float(found.group(1)) <= limit, result.stdout
+
+
+# --------------------------------------------------------- the retrain timer
+
+
+def test_the_timer_runs_train_log_and_the_daemon_reloads_its_output() -> None:
+    """
+    The timer starts rerankd-retrain.service, which runs `rerankd train --log` on the
+    daemon's config and writes the file the daemon serves (rerankd-system.toml sets no
+    model_path: <data_dir>/model.safetensors), then reloads the running daemon.
+    """
+    from daemon._model import TRAINED_MODEL  # noqa: PLC0415 - it imports JAX
+    from daemon.config import load_config  # noqa: PLC0415
+
+    assert [RETRAIN] == _unit_values("Unit", TIMER)
+    assert ["true"] == _unit_values("Persistent", TIMER)
+    assert ["oneshot"] == _unit_values("Type", RETRAIN)
+    [command] = _unit_values("ExecStart", RETRAIN)
+    program, *args = command.split()
+    [daemon_command] = _unit_values("ExecStart", SERVICE)
+    assert program == daemon_command.split()[0]
+    assert ["train", "--log"] == args[:2]
+    options = dict(zip(args[2::2], args[3::2], strict=True))
+    assert options["--config"] == daemon_command.split("--config ")[1]
+    config = load_config(UNITS / "rerankd-system.toml")
+    assert config.ranking.model_path is None
+    assert Path(options["--out"]) == config.store.data_dir / TRAINED_MODEL
+    assert ["+/bin/systemctl try-reload-or-restart rerankd.service"] == _unit_values(
+        "ExecStartPost", RETRAIN
+    )
+
+
+def test_the_retrain_unit_shares_the_daemons_user_and_directories() -> None:
+    """
+    One dynamic user for both (a second one would have systemd chown the state
+    directory away from the running daemon), the same state and cache directories and
+    numba cache, and no MemoryDenyWriteExecute (XLA's JIT).
+    """
+    keys = ("User", "DynamicUser", "StateDirectory", "StateDirectoryMode", "CacheDirectory",
+            "UMask", "MemoryDenyWriteExecute", "SystemCallFilter")  # fmt: skip
+    for key in keys:
+        assert _unit_values(key, SERVICE) == _unit_values(key, RETRAIN), key
+    assert ["rerankd"] == _unit_values("User", RETRAIN)
+    numba = "NUMBA_CACHE_DIR=/var/cache/rerankd/numba"
+    assert numba in _unit_values("Environment", SERVICE)
+    assert numba in _unit_values("Environment", RETRAIN)
 
 
 # -------------------------------------------------- the sandbox, emulated
@@ -284,10 +348,10 @@ def _unit_syscall_allow_list(analyze: str) -> list[str]:
     return sorted(allowed)
 
 
-def _unit_values(key: str) -> list[str]:
-    """The values of every ``key=`` line of the service, in order."""
+def _unit_values(key: str, unit: str = SERVICE) -> list[str]:
+    """The values of every ``key=`` line of ``unit`` (the service by default), in order."""
     prefix = f"{key}="
-    lines = (UNITS / SERVICE).read_text().splitlines()
+    lines = (UNITS / unit).read_text().splitlines()
     return [line.removeprefix(prefix) for line in lines if line.startswith(prefix)]
 
 

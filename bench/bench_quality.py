@@ -1,0 +1,140 @@
+"""
+Model-quality benchmark: the figures of issue 7, from the commands users run.
+
+    python bench/bench_quality.py                      # full: 3 seeds per data set, ~1 h on 2 cores
+    python bench/bench_quality.py --quick              # 1 seed, 3-minute budget: a smoke run
+    python bench/bench_quality.py --datasets ml-100k   # one data set
+
+For each data set of ../shared/datasets (the SASRec authors' Video Games file, and
+MovieLens 100K), with the defaults of ``rerankd train`` (nothing tuned per file):
+
+1. ``rerankd train`` for seeds 0, 1, 2 (wall-clock seconds of each), then ``rerankd
+   eval`` of each model under ``sampled-100`` and ``full``; mean and sample standard
+   deviation over the seeds.
+2. ``rerankd train --holdout 0.2`` (seed 0, at most 6 minutes), ``rerankd replay --online``: frozen
+   vs live state (and live plus the online step), NDCG@10, HR@10 and the lifts.
+
+The commands run in-process through the same functions as the CLI (daemon.quality,
+daemon.replay). Writes bench/out/quality.json and prints a table with the verdicts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
+
+from bench_daemon import judge, write_results  # noqa: E402
+
+from daemon.online import OnlineLearner, OnlineOptions  # noqa: E402
+from daemon.quality import TrainOptions, evaluate_model, load_dataset, train  # noqa: E402
+from daemon.replay import replay  # noqa: E402
+
+DATASETS = ROOT.parent / "shared" / "datasets"
+SOURCES = {
+    "sasrec-video": (DATASETS / "sasrec-video.txt", "sasrec"),
+    "ml-100k": (DATASETS / "ml-100k", "movielens"),
+}
+#: The SASRec paper's Games row (sampled-100), the figures to beat.
+SASREC_GAMES = {"hr@10": 0.7410, "ndcg@10": 0.5360}
+#: The replay's model (trained without the held-out part) gets a shorter budget.
+REPLAY_MINUTES = 6.0
+FIGURES = ("hr@10", "ndcg@10", "mrr", "coverage@10", "ild@10", "novelty@10")
+
+
+def _spread(values: list[float]) -> dict[str, float]:
+    return {
+        "mean": statistics.fmean(values),
+        "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+        "min": min(values),
+        "max": max(values),
+    }
+
+
+def run_dataset(name: str, seeds: list[int], options: TrainOptions, tmp: Path) -> dict[str, Any]:
+    path, fmt = SOURCES[name]
+    data = load_dataset(path, fmt)  # type: ignore[arg-type]
+    print(f"== {name}: {data.describe()}", flush=True)
+    runs = []
+    for seed in seeds:
+        model = tmp / f"{name}-{seed}.safetensors"
+        started = time.perf_counter()
+        trained = train(data, model, dataclasses.replace(options, seed=seed))
+        seconds = time.perf_counter() - started
+        run: dict[str, Any] = {"seed": seed, "train_seconds": round(seconds, 1),
+                               "epochs": trained.report["epochs"],
+                               "best_epoch": trained.report["best_epoch"],
+                               "time_bound": trained.report["time_bound"],
+                               "config": trained.report["config"],
+                               "loss": trained.report["loss"]}  # fmt: skip
+        for protocol in ("sampled-100", "full"):
+            summary, _ = evaluate_model(model, data, protocol=protocol, seed=seed)
+            run[protocol] = {k: summary[k] for k in (*FIGURES, "users", "seconds")}
+        print(f"   seed {seed}: {run['train_seconds']} s, {run['epochs']} epochs, "
+              f"sampled-100 HR@10 {run['sampled-100']['hr@10']:.4f} NDCG@10 "
+              f"{run['sampled-100']['ndcg@10']:.4f}; full NDCG@10 {run['full']['ndcg@10']:.4f}",
+              flush=True)  # fmt: skip
+        runs.append(run)
+    result: dict[str, Any] = {"data": data.describe(), "runs": runs}
+    result["train_seconds"] = _spread([r["train_seconds"] for r in runs])
+    for protocol in ("sampled-100", "full"):
+        result[protocol] = {f: _spread([r[protocol][f] for r in runs]) for f in FIGURES}
+    # the real-time experiment, on a model that never saw the held-out part
+    model = tmp / f"{name}-replay.safetensors"
+    train(data, model, dataclasses.replace(options, seed=0, holdout=0.2,
+                                          max_minutes=min(options.max_minutes, REPLAY_MINUTES)))
+    learner = OnlineLearner(OnlineOptions(enabled=True))
+    result["replay"] = replay(data, model, holdout=0.2, online=learner)
+    r = result["replay"]
+    print(f"   replay: frozen NDCG@10 {r['frozen']['ndcg@10']:.4f}, live {r['live']['ndcg@10']:.4f}"
+          f" ({r['lift']['ndcg@10']:+.1%}), online {r['online']['ndcg@10']:.4f}"
+          f" ({r['online_lift']['ndcg@10']:+.1%} over live)", flush=True)  # fmt: skip
+    return result
+
+
+def verdicts(results: dict[str, Any]) -> list[dict[str, str]]:
+    checks: list[tuple[str, float, float, str]] = []
+    video = results.get("sasrec-video")
+    if video is not None:
+        for f, bound in SASREC_GAMES.items():
+            checks.append((f"sasrec-video sampled-100 {f} (mean of seeds) > SASRec's", round(
+                video["sampled-100"][f]["mean"], 4), bound, "ge"))
+        checks.append(("sasrec-video training seconds (slowest seed) <= 1200",
+                       video["train_seconds"]["max"], 1200.0, "le"))  # fmt: skip
+    for name, result in results.items():
+        if isinstance(result, dict) and "replay" in result:
+            lift = result["replay"]["lift"]["ndcg@10"]
+            checks.append((f"{name} replay: live NDCG@10 lift over frozen >= 10%",
+                           round(lift, 4), 0.10, "ge"))  # fmt: skip
+    return judge(checks)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[1])
+    parser.add_argument("--quick", action="store_true", help="1 seed, 3-minute training budget")
+    parser.add_argument("--datasets", nargs="*", default=list(SOURCES), choices=list(SOURCES))
+    args = parser.parse_args()
+    seeds = [0] if args.quick else [0, 1, 2]
+    options = TrainOptions(progress=False, max_minutes=3.0 if args.quick else 18.0)
+    results: dict[str, Any] = {"options": dataclasses.asdict(options),
+                               "sasrec_paper_games": SASREC_GAMES}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in args.datasets:
+            if not SOURCES[name][0].exists():
+                print(f"skipped {name}: {SOURCES[name][0]} is absent")
+                continue
+            results[name] = run_dataset(name, seeds, options, Path(tmp))
+    results["targets"] = verdicts(results)
+    write_results(results, "quality", quick=args.quick)
+
+
+if __name__ == "__main__":
+    main()
