@@ -3,7 +3,7 @@ Model-quality benchmark: the figures of issue 7, from the commands users run.
 
     python bench/bench_quality.py                      # full: 3 seeds per data set, ~1 h on 2 cores
     python bench/bench_quality.py --quick              # 1 seed, 3-minute budget: a smoke run
-    python bench/bench_quality.py --datasets ml-100k   # one data set
+    python bench/bench_quality.py --datasets ml-100k --seeds 1   # one data set, one seed
 
 For each data set of ../shared/datasets (the SASRec authors' Video Games file, and
 MovieLens 100K), with the defaults of ``rerankd train`` (nothing tuned per file):
@@ -121,8 +121,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[1])
     parser.add_argument("--quick", action="store_true", help="1 seed, 3-minute training budget")
     parser.add_argument("--datasets", nargs="*", default=list(SOURCES), choices=list(SOURCES))
+    parser.add_argument("--seeds", type=int, default=3, help="seeds 0 .. N-1 (default 3)")
     args = parser.parse_args()
-    seeds = [0] if args.quick else [0, 1, 2]
+    seeds = [0] if args.quick else list(range(args.seeds))
     options = TrainOptions(progress=False, max_minutes=3.0 if args.quick else 18.0)
     results: dict[str, Any] = {"options": dataclasses.asdict(options),
                                "sasrec_paper_games": SASREC_GAMES}

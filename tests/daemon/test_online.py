@@ -171,7 +171,7 @@ def test_the_daemon_learns_item_biases_online_when_enabled(tmp_path: Path) -> No
 
             assert poll(bias, lambda b: b > 0, timeout_s=20) > 0, "no online bias for m7"
             online = client.request("stats")["online"]
-            assert online["examples"] >= 9  # each user's clicks after their first rank
+            assert online["examples"] >= 1  # clicks after a rank cached the user's vector
             assert online["steps"] >= 1
     finally:
         daemon.close()
