@@ -41,7 +41,8 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     data = _cycle_file(tmp / "cycle.txt")
     model = tmp / "cycle.safetensors"
     done = _rerankd("train", "--dataset", str(data), "--format", "sasrec", "--out", str(model),
-                    "--dim", "16", "--epochs", "30", "--dropout", "0.1", "--seed", "3", "--holdout", "0.25",
+                    "--dim", "16", "--epochs", "30", "--dropout", "0.1", "--seed", "3",
+                    "--holdout", "0.25",
                     "--quiet", "--json")  # fmt: skip
     assert done.returncode == 0, done.stderr
     return {"data": data, "model": model, "report": json.loads(done.stdout), "tmp": tmp}
