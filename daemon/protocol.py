@@ -47,6 +47,8 @@ ERROR_CODES: Final = {
     "line_too_long": "the line is longer than [server].max_line_bytes; the connection closes",
     "too_many_candidates": "more candidates than [server].max_candidates",
     "busy": "the event log's writer is behind; retry after retry_after_ms",
+    "storage_unavailable": "the event log cannot be written (disk full, read-only or failing "
+    "file system; the message says which); nothing was stored; retry after retry_after_ms",
     "not_found": "the user is unknown",
     "forbidden": "the peer's uid/gid is not allowed; the connection closes",
     "too_many_connections": "the daemon is at [server].max_connections; the connection closes",

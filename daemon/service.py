@@ -11,6 +11,17 @@ Lifecycle (`run`): open the store (snapshot + replay), load the model and compil
 every kernel bucket, bind or inherit the socket, ``READY=1``; serve until SIGTERM or
 SIGINT; then ``STOPPING=1``, stop accepting, let in-flight requests finish within
 ``graceful_timeout_s``, flush the writer, write a snapshot, exit 0.
+
+Storage faults (disk full, read-only or failing file system under ``data_dir``): the
+writer's group fails as a whole, unfolded, and the writer holds a *storage
+unavailable* condition (`eventstore.committer`) until its probe, `Store.recover`,
+finds the log writable again (with `RESUME_FREE_BYTES` free). Meanwhile ``ingest``
+and ``forget`` answer ``storage_unavailable`` (nothing stored), the feeds hold their
+batches unacknowledged (`daemon.feeds.sink`), impressions are dropped and counted,
+automatic snapshots are skipped, and rank answers from the state in memory; ``stats``
+(``storage``) and the ``rerankd_storage_*`` gauges show it, and the log says
+``storage_unavailable`` once per episode and ``storage_available`` at its end. The
+daemon neither exits nor restarts for it.
 """
 
 from __future__ import annotations
@@ -65,7 +76,7 @@ from daemon.protocol import (
 from daemon.ranking import RankedList, Ranking
 from daemon.server import Server, bind_unix_socket
 from daemon.systemd import inherited_socket, notify, watchdog_interval_s
-from eventstore import BackpressureError, EventDecoder, GroupCommitter, Store
+from eventstore import BackpressureError, EventDecoder, GroupCommitter, Store, StoreFullError
 from eventstore.schema import Event, ItemsShown, Rejection, UserForgotten
 from eventstore.store import LOG_FILE
 from plugins.registry import PrivacyChain
@@ -125,6 +136,11 @@ class _Batcher:
         """A batch is running on the kernel thread, or requests wait for one."""
         return self._busy or not self._queue.empty()
 
+    @property
+    def depth(self) -> int:
+        """Rank requests waiting for the next batch."""
+        return self._queue.qsize()
+
     async def rank(self, request: Rank) -> RankedList:
         """Rank one request in the next batch."""
         future: asyncio.Future[RankedList] = asyncio.get_running_loop().create_future()
@@ -182,6 +198,7 @@ class Service:
         self.metrics = Metrics()
         self.server: Server | None = None
         self.feeds: list[Any] = []  # daemon.feeds' MqttFeed / KafkaFeed, when configured
+        self.feed_sink: FeedSink | None = None  # what the feeds append through
         self.retention: RetentionSweeper | None = None  # built by open()
         self.online: OnlineLearner | None = None  # the [online] step, when enabled
         self._last_snapshot = (time.monotonic(), -1)  # (when, state offset it covered)
@@ -218,16 +235,17 @@ class Service:
         _log_plugins(self.plugins)
         self._last_snapshot = (time.monotonic(), self.store.state.offset)
         self.committer = GroupCommitter(
-            self._append, name="daemon[writer]", dead_letter_sink=self.store.log.dead_letters
-        )
+            self._append, name="daemon[writer]", dead_letter_sink=self.store.log.dead_letters,
+            probe=self.store.recover, on_storage=self._storage_changed,
+        )  # fmt: skip
         # reads the plugins before every sweep: a reload may add, change or remove retention
         self.retention = RetentionSweeper(
             self.store, self.committer, self.metrics,
             settings=lambda: self.plugins.retention, on_snapshot=self._snapshot_written,
         )  # fmt: skip
-        self.feeds = _make_feeds(self.config, FeedSink(
-            self.committer, self.decoder, self.store.log.path, self.metrics,
-            privacy=self.privacy_ingest))  # fmt: skip
+        self.feed_sink = FeedSink(self.committer, self.decoder, self.store.log.path,
+                                  self.metrics, privacy=self.privacy_ingest)  # fmt: skip
+        self.feeds = _make_feeds(self.config, self.feed_sink)
         self.model = self._first_model()
         store = self.store
         self.ranking = Ranking(
@@ -299,10 +317,33 @@ class Service:
         interval = self.config.store.snapshot_interval_s
         when, offset = self._last_snapshot
         state_offset = self.store.state.offset
-        if interval and state_offset != offset and time.monotonic() - when >= interval:
-            self.store.snapshot()
+        if (interval and state_offset != offset and time.monotonic() - when >= interval
+                and self.store.snapshot_if_possible() is not None):  # fmt: skip
             self._last_snapshot = (time.monotonic(), state_offset)
         return result
+
+    def _storage_changed(self, error: StoreFullError | None) -> None:
+        """
+        The writer's storage condition began (``error``) or ended (None): log it once.
+
+        On the writer thread. The log names the file and SQLite's reason, never an
+        event; until the condition ends, ``ingest`` and ``forget`` answer
+        ``storage_unavailable``, the feeds hold their messages unacknowledged,
+        impressions are dropped (counted) and rank answers from the state in memory.
+        """
+        committer = self.committer
+        if error is not None:
+            _log.error("storage_unavailable", path=error.path, cause=error.cause,
+                       problem=_storage_problem(error.cause),
+                       effect="ingest refused (storage_unavailable), feeds paused, "
+                              "ranking goes on from memory; retried with backoff",
+                       hint="free space on the file system of [store].data_dir, or make "
+                            "it writable again; the daemon resumes by itself")  # fmt: skip
+            return
+        assert committer is not None
+        _log.info("storage_available", after_s=round(committer.last_unavailable_s, 3),
+                  episode=committer.episodes, refused=committer.refused,
+                  probes_failed=committer.probes_failed)  # fmt: skip
 
     def _snapshot_written(self, offset: int) -> None:
         """A snapshot covers ``offset`` (a retention sweep wrote it): restart the interval."""
@@ -459,6 +500,15 @@ class Service:
                                         lambda: self.online.examples if self.online else 0),
             "rerankd_connections": ("Open socket connections",
                                     lambda: self.server.connections if self.server else 0),
+            "rerankd_storage_available": (("1 while the event log can be written, 0 while "
+                                          "it cannot (disk full, read-only, I/O error)"),
+                                          lambda: int(committer.storage_available)),
+            "rerankd_storage_unavailable_seconds": (
+                "How long the current storage condition has lasted (0: none)",
+                lambda: (0.0 if committer.unavailable_since is None
+                         else time.monotonic() - committer.unavailable_since)),
+            "rerankd_storage_episodes": ("Storage conditions since the start",
+                                         lambda: committer.episodes),
         }  # fmt: skip
         for name, (doc, read) in gauges.items():
             self.metrics.gauge(name, doc, read)
@@ -659,7 +709,7 @@ class Service:
         batch, self._impressions = self._impressions, []
         try:
             self.committer.submit(self.privacy_ingest(batch))
-        except BackpressureError:
+        except (BackpressureError, StoreFullError):  # busy, or storage unavailable
             self.metrics.impressions_dropped.inc(len(batch))
         except Exception:  # noqa: BLE001 - a privacy plugin's bug: drop, never store unmapped
             _log.exception("impressions_privacy_failed", impressions=len(batch))
@@ -691,15 +741,30 @@ class Service:
         return events, len(decoded.events) - len(events), decoded.rejected
 
     async def _submit(self, events: Sequence[Any]) -> Any:
-        assert self.committer is not None
+        """
+        Append ``events`` durably; the writer's refusals become protocol errors.
+
+        ``busy`` when the writer's queue is full; ``storage_unavailable`` when the log
+        cannot be written (disk full, read-only, I/O error) or a storage condition
+        holds: nothing of the request was stored (the group failed as a whole and was
+        not folded), so the caller retries after ``retry_after_ms``.
+        """
+        committer = self.committer
+        assert committer is not None
         try:
-            future = self.committer.submit(events)
+            return await asyncio.wrap_future(committer.submit(events))
         except BackpressureError as error:
             raise ProtocolError(
                 "busy", "the event log's writer is behind",
                 retry_after_ms=max(1, round(error.retry_after_s * 1000)),
             ) from None  # fmt: skip
-        return await asyncio.wrap_future(future)
+        except StoreFullError as error:
+            raise ProtocolError(
+                "storage_unavailable",
+                f"the event log cannot be written: {_storage_problem(error.cause)}; "
+                "nothing was stored, retry after retry_after_ms",
+                retry_after_ms=max(1, round(committer.retry_after_s() * 1000)),
+            ) from None  # fmt: skip
 
     async def _user(self, user: str) -> dict[str, Any]:
         assert self.store is not None
@@ -718,7 +783,15 @@ class Service:
         go through the privacy plugins again (which would map the id twice).
         """
         event = UserForgotten(id=f"forget-{uuid.uuid4().hex}", ts=time.time(), user=user)
-        await self._submit([event])
+        try:
+            await self._submit([event])
+        except OSError as error:  # the log forgot the user; rewriting the snapshots failed
+            raise ProtocolError(
+                "storage_unavailable",
+                f"the user is erased from the log, but the snapshots could not be rewritten "
+                f"({error.strerror or type(error).__name__}); retry forget",
+                retry_after_ms=1000,
+            ) from None  # fmt: skip
         assert self.ranking is not None
         self.ranking.forget_vectors()
         return {}
@@ -757,6 +830,13 @@ class Service:
             "users": len(state.user_index),
             "items": state.n_items,
             "writer_pending": self.committer.pending,
+            "storage": self._storage_stats(),
+            "queues": {  # depths right now: a soak watches them for unbounded growth
+                "rank_batcher": self.batcher.depth,
+                "requests_in_flight": self.server.in_flight if self.server else 0,
+                "impressions": len(self._impressions),
+                "vector_refresh": len(self._touched),
+            },
             "rank_batches": m.total("rerankd_rank_batch_size_count"),
             "rank_batched_requests": m.total("rerankd_rank_batch_size_sum"),
             "vector_cache": {
@@ -774,10 +854,30 @@ class Service:
             "compile_count": self._compile_count(),
             "online": ({"examples": self.online.examples, "steps": self.online.steps}
                        if self.online is not None else None),
-            "feeds": {feed.name: feed.stats() for feed in self.feeds},
+            "feeds": {feed.name: feed.stats() | {"storage_paused": self._feed_paused(feed.name)}
+                      for feed in self.feeds},
             "plugins": {"privacy": self.plugins.privacy.names,
                         "policies": [p.name for p in self.plugins.policies]},
         })
+
+    def _feed_paused(self, name: str) -> bool:
+        """Whether feed ``name`` holds a batch unacknowledged, waiting for storage."""
+        return self.feed_sink is not None and name in self.feed_sink.paused
+
+    def _storage_stats(self) -> dict[str, Any]:
+        """The writer's storage condition: whether the log can be written now, and why not."""
+        committer = self.committer
+        assert committer is not None
+        error, since = committer.unavailable, committer.unavailable_since
+        return {
+            "available": error is None,
+            "cause": None if error is None else error.cause,
+            "problem": None if error is None else _storage_problem(error.cause),
+            "unavailable_s": 0.0 if since is None else round(time.monotonic() - since, 3),
+            "episodes": committer.episodes,
+            "refused": committer.refused,
+            "probes_failed": committer.probes_failed,
+        }
 
     def _event_counts(self) -> dict[str, int]:
         """What happened to ingested events and rank requests, from the Prometheus counters."""
@@ -789,6 +889,21 @@ class Service:
             "busy": m.total("rerankd_errors_total", code="busy"),
             "impressions_dropped": m.total("rerankd_impressions_dropped_total"),
         }
+
+
+def _storage_problem(cause: str) -> str:
+    """
+    What a storage error's cause (SQLite's error name) means, in words.
+
+    SQLite reports a full disk as SQLITE_FULL; a file system that turned read-only
+    under an open log, like a failing disk, as an I/O error (its errno is not
+    exposed to Python); a file it cannot reopen as SQLITE_CANTOPEN or SQLITE_READONLY.
+    """
+    if cause.startswith("SQLITE_FULL"):
+        return f"disk full ({cause})"
+    if cause.startswith(("SQLITE_READONLY", "SQLITE_PERM", "SQLITE_CANTOPEN")):
+        return f"the file system or the log file is read-only or cannot be opened ({cause})"
+    return f"I/O error: the file system is read-only or failing ({cause})"
 
 
 def _log_plugins(plugins: Plugins) -> None:

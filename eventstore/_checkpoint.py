@@ -49,6 +49,7 @@ class Checkpointer:
 
     def _run(self) -> None:
         conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        failing = False  # logged once per run of failures, not every interval
         try:
             conn.execute("PRAGMA busy_timeout=100")
             while not self._stop.wait(self.interval_s):
@@ -57,7 +58,14 @@ class Checkpointer:
                         conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
                         self.checkpoints += 1
                     except sqlite3.Error as e:  # e.g. disk full: the next round retries
-                        _log.warning("checkpoint_failed", error=str(e))
+                        if not failing:
+                            _log.warning("checkpoint_failed", error=str(e),
+                                         retry_s=self.interval_s)
+                        failing = True
+                        continue
+                if failing:
+                    failing = False
+                    _log.info("checkpoint_recovered")
         finally:
             conn.close()
 

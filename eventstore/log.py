@@ -211,6 +211,7 @@ class EventLog:
             raise ValueError(msg)
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._synchronous = synchronous
         self._conn = self._connect(self.path)
         self._conn.execute(f"PRAGMA synchronous={synchronous}")
         self.schema_version = _migrate(self._conn, str(self.path), migrations)
@@ -401,6 +402,71 @@ class EventLog:
         if self._failed:
             raise StoreFullError(str(self.path), self._failed)
 
+    @property
+    def failed(self) -> str | None:
+        """Why writes are refused until :meth:`reopen` (an I/O error), or None."""
+        return self._failed
+
+    def reopen(self) -> None:
+        """
+        Replace the connection by a new one on the same file, after an I/O error.
+
+        The new connection reads the file afresh (the next offset, the tombstones, and
+        the id index on the next append). Then the whole WAL is checkpointed into the
+        database file, fsynced, and truncated: pages the failed connection wrote whose
+        write-back failed are written again (a failed fsync may have left them clean
+        in the page cache, the "fsyncgate" trap), so nothing appended afterwards rests
+        on them. A commit that reported the error may still be in the log: the caller
+        folds whatever lies beyond its state (`Store.recover`).
+
+        Raises:
+            StoreFullError: the file still cannot be opened or written; the log stays
+                refused and ``reopen`` may be called again.
+        """
+        try:
+            conn = self._connect(self.path)
+        except sqlite3.Error as e:
+            raise self._translate(e) from e
+        try:
+            conn.execute(f"PRAGMA synchronous={self._synchronous}")
+            meta = dict(conn.execute("SELECT key, value FROM meta"))
+            tombstones = {row[0] for row in conn.execute("SELECT user_hash FROM tombstones")}
+        except sqlite3.Error as e:
+            conn.close()
+            raise self._translate(e) from e
+        if self._checkpointer is not None:
+            self._checkpointer.close()
+            self._checkpointer = None
+        with suppress(sqlite3.Error):
+            self._conn.close()
+        self._conn = conn
+        self._next = int(meta["next_offset"])
+        self._tombstones = tombstones
+        self._ids = None
+        try:
+            truncate_wal(conn, None)
+        except sqlite3.Error as e:
+            raise self._translate(e) from e
+        self._failed = None
+
+    def check_writable(self) -> None:
+        """
+        Whether the log can be written again after a storage error: raise if not.
+
+        One small durable transaction writes the ``write_probe_ts`` meta key.
+
+        Raises:
+            StoreFullError: it cannot.
+        """
+        self._check_usable()
+        self._started()
+        try:
+            with _transaction(self._conn):
+                self._conn.execute("INSERT OR REPLACE INTO meta VALUES ('write_probe_ts', ?)",
+                                   (repr(time.time()),))
+        except sqlite3.Error as e:
+            raise self._translate(e) from e
+
     def dead_letter(self, raw: bytes, reason: str, *, source: str) -> None:
         """Keep a rejected input (at most its first MiB) with the reason it was rejected."""
         self.dead_letters([(raw, reason)], source=source)
@@ -542,7 +608,7 @@ class EventLog:
         For facts about the log that its users keep with it (the daemon records how
         user ids were mapped); the log's own keys are not for callers to change.
         """
-        if key in {"next_offset", "tombstone_salt", "truncated_before"}:
+        if key in {"next_offset", "tombstone_salt", "truncated_before", "write_probe_ts"}:
             msg = f"meta: {key} belongs to the log itself"
             raise ValueError(msg)
         self._check_usable()

@@ -12,6 +12,7 @@ trusted, only verified.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 from pathlib import Path
@@ -63,13 +64,19 @@ class SnapshotStore:
         data = body + hashlib.sha256(body).digest()
         final = self.directory / f"snapshot-{state.offset:020d}.snap"
         tmp = self.directory / f".{final.name}.tmp"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         try:
-            _write_all(fd, data)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        tmp.replace(final)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            try:
+                _write_all(fd, data)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            tmp.replace(final)
+        except BaseException:
+            # disk full or read-only: give the space of the partial file back at once
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)
+            raise
         _fsync_dir(self.directory)
         self._prune(keep=self.keep)
         return final

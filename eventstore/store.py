@@ -9,6 +9,7 @@ Every method keeps it, on one thread (the writer).
 from __future__ import annotations
 
 import os
+import shutil
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -18,7 +19,7 @@ from typing import Final
 import structlog
 
 from eventstore._config import FoldConfig
-from eventstore._errors import CorruptSnapshotError
+from eventstore._errors import CorruptSnapshotError, StoreFullError
 from eventstore.fold import project
 from eventstore.log import AppendResult, EventLog, Positions, Synchronous
 from eventstore.schema import Event, EventDecoder, Rejection, UserForgotten
@@ -29,6 +30,10 @@ __all__ = ["IngestResult", "Store"]
 
 LOG_FILE: Final = "events.db"
 SNAPSHOT_DIR: Final = "snapshots"
+#: After an automatic snapshot failed (disk full, read-only), the next one waits this long.
+SNAPSHOT_RETRY_S: Final = 10.0
+#: Free space `Store.recover` wants before it lets appends resume after a storage error.
+RESUME_FREE_BYTES: Final = 4 << 20
 _log = structlog.get_logger("eventstore.store")
 
 
@@ -71,6 +76,7 @@ class Store:
         self.state = self._restore()
         self.log.prepare_writes()
         self._since_snapshot = 0
+        self._snapshot_failed_at: float | None = None  # monotonic time of the last failure
 
     def _restore(self) -> State:
         started = time.perf_counter()
@@ -194,14 +200,73 @@ class Store:
             self.state.offset = result.appended[-1][0]
             self._since_snapshot += len(result.appended)
             if self.snapshot_every and self._since_snapshot >= self.snapshot_every:
-                self.snapshot()
+                self.snapshot_if_possible()
         return result
 
     def snapshot(self) -> Path:
         """Write a snapshot of the current state now."""
         path = self.snapshots.write(self.state)
         self._since_snapshot = 0
+        self._snapshot_failed_at = None
         return path
+
+    def snapshot_if_possible(self) -> Path | None:
+        """
+        An automatic snapshot: written now, or None when it failed or was held back.
+
+        A snapshot is only a shortcut for restoring (the log has every event), so one
+        that cannot be written (disk full, read-only file system) is logged and
+        skipped, never raised: the append that triggered it has committed and must
+        be acknowledged. The half-written temporary file is removed
+        (`SnapshotStore.write`), the snapshots already there stay as they were, and
+        the next attempt waits `SNAPSHOT_RETRY_S`, so a full disk is not hit with a
+        state-sized write after every append.
+        """
+        failed_at = self._snapshot_failed_at
+        if failed_at is not None and time.monotonic() - failed_at < SNAPSHOT_RETRY_S:
+            return None
+        try:
+            return self.snapshot()
+        except OSError as e:
+            self._snapshot_failed_at = time.monotonic()
+            _log.warning("snapshot_failed", error=f"{type(e).__name__}: {e.strerror or e}",
+                         offset=self.state.offset, retry_s=SNAPSHOT_RETRY_S)
+            return None
+
+    def recover(self) -> int:
+        """
+        After a storage error: make the log writable again, or raise.
+
+        First the file system must have `RESUME_FREE_BYTES` free: a disk that filled
+        up has room for a small write long before it has room for the next group, and
+        resuming at the first free page would only fail again (and again). Then the
+        log is reopened when an I/O error latched it (`EventLog.reopen`), and one small
+        durable write is made (`EventLog.check_writable`). Last, anything the log
+        holds beyond the state is folded in: a commit that reported an I/O error may
+        have reached the file all the same, and the state must stay a fold of the
+        log. Such events were never acknowledged (their append failed); a retry
+        finds them as duplicates. Runs on the writer thread.
+
+        Returns:
+            How many events were folded in that way (normally 0).
+
+        Raises:
+            StoreFullError: the log still cannot be written.
+        """
+        free = shutil.disk_usage(self.directory).free
+        if free < RESUME_FREE_BYTES:
+            raise StoreFullError(str(self.log.path), f"SQLITE_FULL: {free} bytes free, "
+                                 f"appends resume at {RESUME_FREE_BYTES}")
+        if self.log.failed is not None:
+            self.log.reopen()
+            self.log.prepare_writes()
+        self.log.check_writable()
+        caught_up = self.replay(self.state)
+        if caught_up:
+            self._since_snapshot += caught_up
+            _log.warning("state_caught_up", events=caught_up, offset=self.state.offset,
+                         reason="a commit that reported a storage error reached the log")
+        return caught_up
 
     def retain(self, ingested_before: float) -> int:
         """
@@ -288,7 +353,11 @@ class Store:
             return
         self._closed = True
         if snapshot and self._since_snapshot:
-            self.snapshot()
+            try:
+                self.snapshot()
+            except OSError as e:  # the log has every event: the next start replays them
+                _log.warning("snapshot_failed", error=f"{type(e).__name__}: {e.strerror or e}",
+                             offset=self.state.offset, at="close")
         self.log.close()
 
     def __enter__(self) -> Store:

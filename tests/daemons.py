@@ -41,14 +41,19 @@ class Daemon:
 
     def __init__(
         self, tmp: Path, config: str = "", *, listen_fd: int | None = None,
-        socket_dir: Path | None = None, python_path: tuple[Path, ...] = (),
+        socket_dir: Path | None = None, python_path: tuple[Path, ...] = (), store: str = "",
     ) -> None:  # fmt: skip
-        """``python_path``: more directories on the daemon's PYTHONPATH (after the checkout)."""
+        """
+        ``python_path``: more directories on the daemon's PYTHONPATH (after the checkout).
+
+        ``store``: more ``[store]`` keys (TOML lines), since ``config`` cannot repeat
+        the ``[store]`` table that holds ``data_dir``.
+        """
         self.tmp = tmp
         self.socket_path = (socket_dir or tmp) / "rerankd.sock"
         self.config = tmp / "rerankd.toml"
         self.config.write_text(
-            f'[store]\ndata_dir = "{tmp / "data"}"\n'
+            f'[store]\ndata_dir = "{tmp / "data"}"\n{store}'
             f'[server]\nsocket_path = "{self.socket_path}"\n{config}'
         )
         self.notify_path = tmp / "notify.sock"

@@ -9,6 +9,13 @@ call returns once everything is committed, and only then may the feed acknowledg
 While the writer is behind (or the disk refuses writes) ``append`` waits and retries
 instead of buffering: that wait is where a feed pauses, and since the feed reads no
 more until it returns, nothing piles up in memory.
+
+Storage faults. When the log cannot be written (disk full, read-only or failing file
+system), the committer holds a storage condition until its probe finds the log
+writable again (`eventstore.committer`). ``append`` then waits for that condition to
+end, polling it every ``_STORAGE_POLL_S``, and retries the same batch: the feed holds
+its messages unacknowledged meanwhile (no PUBACK, no Kafka offset past what is in
+the log), logs ``feed_paused`` once and ``feed_resumed`` when the batch is durable.
 """
 
 from __future__ import annotations
@@ -23,13 +30,15 @@ from typing import Any
 
 import structlog
 
-from eventstore import BackpressureError, EventDecoder, StoreError
+from eventstore import BackpressureError, EventDecoder, StoreError, StoreFullError
 from eventstore.log import AppendResult, Position, Positions
 from eventstore.schema import Event, EventRejectedError
 
 __all__ = ["Backoff", "FeedSink", "read_secret"]
 
 _log = structlog.get_logger("daemon.feeds")
+#: How often a paused append checks whether the storage condition has ended.
+_STORAGE_POLL_S = 0.1
 
 
 class Backoff:
@@ -104,6 +113,7 @@ class FeedSink:
         self.metrics = metrics  # the daemon's Metrics (None in some tests)
         self._retry_s = retry_s
         self.paused_s = 0.0  # total time appends waited for the writer
+        self.paused: set[str] = set()  # sources whose append waits for storage now
 
     def decode(self, payload: bytes) -> tuple[list[Event], list[tuple[bytes, str]]]:
         """
@@ -141,26 +151,53 @@ class FeedSink:
         """
         loop = asyncio.get_running_loop()
         waited_from: float | None = None
-        while True:
-            try:
-                future = self._committer.submit(
-                    events, positions=positions, dead_letters=dead_letters, source=source
-                )
-                result: AppendResult = await asyncio.wrap_future(future)
-            except BackpressureError as e:
-                waited_from = waited_from or loop.time()
-                await asyncio.sleep(e.retry_after_s)
-                continue
-            except StoreError as e:  # disk full, read-only, I/O error: nothing committed
-                waited_from = waited_from or loop.time()
-                _log.warning("feed_append_failed", source=source, error=type(e).__name__,
-                             retry_s=self._retry_s)  # fmt: skip
-                await asyncio.sleep(self._retry_s)
-                continue
-            if waited_from is not None:
-                self.paused_s += loop.time() - waited_from
-            self._count(source, result, len(dead_letters))
-            return result
+        try:
+            while True:
+                try:
+                    future = self._committer.submit(
+                        events, positions=positions, dead_letters=dead_letters, source=source
+                    )
+                    result: AppendResult = await asyncio.wrap_future(future)
+                except BackpressureError as e:
+                    waited_from = waited_from or loop.time()
+                    await asyncio.sleep(e.retry_after_s)
+                    continue
+                except StoreError as e:  # disk full, read-only, I/O error: nothing committed
+                    waited_from = waited_from or loop.time()
+                    await self._wait_for_storage(source, e)
+                    continue
+                break
+        except BaseException:  # cancelled (a stop, a rebalance): no longer waiting
+            self.paused.discard(source)
+            raise
+        if source in self.paused:
+            self.paused.discard(source)
+            _log.info("feed_resumed", source=source,
+                      paused_s=round(loop.time() - (waited_from or loop.time()), 3))
+        if waited_from is not None:
+            self.paused_s += loop.time() - waited_from
+        self._count(source, result, len(dead_letters))
+        return result
+
+    async def _wait_for_storage(self, source: str, error: StoreError) -> None:
+        """
+        After a failed append: wait until the committer's storage condition ends.
+
+        Logged once per pause (``feed_paused``), without any event. An error that is
+        not a storage condition (the committer holds none) is retried after ``retry_s``.
+        """
+        if source not in self.paused:
+            self.paused.add(source)
+            _log.warning("feed_paused", source=source, error=type(error).__name__,
+                         cause=getattr(error, "cause", None),
+                         effect="messages held unacknowledged until the log can be written")
+        available = getattr(self._committer, "storage_available", None)
+        if not isinstance(error, StoreFullError) or available is None or available:
+            await asyncio.sleep(self._retry_s)
+            return
+        # the writer thread ends the condition: a flag polled, not an Event set across threads
+        while not self._committer.storage_available:  # noqa: ASYNC110
+            await asyncio.sleep(_STORAGE_POLL_S)
 
     def _count(self, source: str, result: AppendResult, rejected: int) -> None:
         m = self.metrics

@@ -152,6 +152,43 @@ async def test_append_retries_when_the_disk_refuses(store: Store, make_event: An
     assert sink.stored_positions("kafka:other") == {}
 
 
+async def test_append_holds_while_storage_is_unavailable(store: Store, make_event: Any) -> None:
+    """
+    While the writer holds a storage condition the append waits, paused and without
+    committing anything (so a feed acknowledges nothing); once the probe finds the disk
+    writable again the same batch commits, once.
+    """
+    full = threading.Event()
+    full.set()
+
+    def append(events: Any, **kwargs: Any) -> Any:
+        if full.is_set():
+            raise StoreFullError(str(store.log.path), "SQLITE_FULL")
+        return store.append(events, **kwargs)
+
+    def probe() -> None:
+        if full.is_set():
+            raise StoreFullError(str(store.log.path), "SQLITE_FULL")
+
+    committer = GroupCommitter(append, dead_letter_sink=store.log.dead_letters, probe=probe,
+                               probe_min_s=0.01, probe_max_s=0.05)  # fmt: skip
+    sink = FeedSink(committer, EventDecoder(), store.log.path, retry_s=30.0)
+    try:
+        task = asyncio.ensure_future(sink.append([make_event(n=1)], source="mqtt",
+                                                 positions={("kafka:t", "0"): 3}))  # fmt: skip
+        await asyncio.sleep(0.5)
+        held = (task.done(), set(sink.paused), store.log.count(), committer.storage_available)
+        full.clear()
+        result = await asyncio.wait_for(task, 10)  # well before retry_s: the condition ended
+    finally:
+        full.clear()
+        committer.close()
+    assert (False, {"mqtt"}, 0, False) == held
+    assert (["accepted"], set(), 1) == (result.status, sink.paused, store.log.count())
+    assert sink.paused_s >= 0.4
+    assert {"0": 3} == sink.stored_positions("kafka:t")
+
+
 def test_read_secret_prefers_the_credentials_directory(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
