@@ -15,9 +15,13 @@ before (measured with py-spy at 32 connections). Everything is bounded:
 - at most ``max_in_flight`` unanswered requests per connection: beyond that the
   server stops reading the connection (and leaves read lines undecoded), so a
   pipelining client slows down instead of growing the daemon's memory;
-- a client that does not read its answers for ``write_timeout_s`` (the transport
-  stays paused that long) is dropped; one with nothing in flight that sends nothing
-  for ``idle_timeout_s`` is told so and closed (a sweep checks every second or so);
+- a client that does not read its answers is no longer read (its requests would only
+  pile answers up in the daemon) and is dropped if the transport stays paused for
+  ``write_timeout_s``; one with nothing in flight that completes no request for
+  ``idle_timeout_s`` is told so and closed (a sweep checks every second or so): bytes
+  that never make a line do not keep a connection alive;
+- a connection being closed is aborted if its last answer cannot be written within
+  ``write_timeout_s`` (a client that does not read would otherwise hold it forever);
 - more than ``max_connections`` connections are refused, as are peers whose uid/gid
   (SO_PEERCRED) is not allowed.
 
@@ -103,8 +107,10 @@ class _Connection(asyncio.Protocol):
         self.last_active = time.monotonic()
         self.closing = False
         self._reading_paused = False
+        self._writing_paused = False
         self._processing = False
         self._write_timer: asyncio.TimerHandle | None = None
+        self._close_timer: asyncio.TimerHandle | None = None
 
     # ------------------------------------------------------------- transport
 
@@ -119,19 +125,25 @@ class _Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:  # noqa: ARG002 - protocol API
         self.closing = True
-        if self._write_timer is not None:
-            self._write_timer.cancel()
+        for timer in (self._write_timer, self._close_timer):
+            if timer is not None:
+                timer.cancel()
+        self._buf.clear()
         self._server.closed(self)
 
     def pause_writing(self) -> None:
-        """The client is not reading: drop it unless it catches up in time."""
+        """The client is not reading: read no more of it, and drop it unless it catches up."""
         loop = asyncio.get_running_loop()
         self._write_timer = loop.call_later(self._config.write_timeout_s, self._not_reading)
+        self._writing_paused = True
+        self._flow()
 
     def resume_writing(self) -> None:
         if self._write_timer is not None:
             self._write_timer.cancel()
             self._write_timer = None
+        self._writing_paused = False
+        self.process()
 
     def _not_reading(self) -> None:
         _log.warning("client_not_reading", timeout_s=self._config.write_timeout_s)
@@ -144,7 +156,6 @@ class _Connection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self.closing:
             return
-        self.last_active = time.monotonic()
         self._buf += data
         self.process()
 
@@ -161,7 +172,8 @@ class _Connection(asyncio.Protocol):
 
     def _process_lines(self) -> None:
         buf, limit = self._buf, self._config.max_line_bytes
-        while self.in_flight < self._config.max_in_flight and not self.closing:
+        while (self.in_flight < self._config.max_in_flight and not self.closing
+               and not self._writing_paused):  # fmt: skip
             end = buf.find(b"\n", self._scanned)
             if end < 0:
                 self._scanned = len(buf)
@@ -175,12 +187,13 @@ class _Connection(asyncio.Protocol):
             del buf[: end + 1]
             self._scanned = 0
             if line.strip():
+                self.last_active = time.monotonic()
                 self._server.dispatch(self, line)
 
     def _flow(self) -> None:
         if self.transport is None or self.closing:
             return
-        full = self.in_flight >= self._config.max_in_flight
+        full = self.in_flight >= self._config.max_in_flight or self._writing_paused
         if full and not self._reading_paused:
             self.transport.pause_reading()
             self._reading_paused = True
@@ -205,11 +218,16 @@ class _Connection(asyncio.Protocol):
             self.process()
 
     def fail(self, error: ProtocolError) -> None:
-        """Answer ``error`` and close once it is written."""
+        """Answer ``error`` and close once it is written, or abort if it cannot be."""
         self.closing = True
+        self._buf.clear()  # nothing more is read: what is buffered is freed now
         if self.transport is not None:
             self.transport.write(encode_error(error))
-            self.transport.close()
+            self.transport.close()  # waits until the answer is written...
+            if self._close_timer is None:  # ...which a client that does not read prevents
+                loop = asyncio.get_running_loop()
+                timeout_s = self._config.write_timeout_s
+                self._close_timer = loop.call_later(timeout_s, self._not_reading)
 
 
 class Server:
