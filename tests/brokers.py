@@ -115,14 +115,21 @@ class KafkaBroker(_ScriptBroker):
         directory: Holds the config, the data (``data/``) and ``broker.log``.
         port: The client listener.
         controller_port: The KRaft controller listener.
+        proxied: ``(listen_port, advertised_port)``: a second client listener on
+            ``listen_port`` that advertises ``127.0.0.1:advertised_port``, where a
+            proxy forwarding to ``listen_port`` listens (``tests/chaos/proxy.py``):
+            clients that bootstrap through the proxy then stay behind it, while
+            :attr:`bootstrap` (``port``) reaches the broker directly.
     """
 
     script = SCRIPTS / "kafka"
     pid_name = "kafka.pid"
 
-    def __init__(self, directory: Path, port: int, controller_port: int) -> None:
-        super().__init__(directory, port, str(controller_port))
+    def __init__(self, directory: Path, port: int, controller_port: int, *,
+                 proxied: tuple[int, int] | None = None) -> None:  # fmt: skip
+        super().__init__(directory, port, str(controller_port), *map(str, proxied or ()))
         self.controller_port = controller_port
+        self.proxied = proxied
 
     @property
     def log(self) -> Path:

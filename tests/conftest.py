@@ -98,10 +98,25 @@ def fixture_store(store_dir: Path, decoder: EventDecoder) -> Iterator[Store]:
     store.close(snapshot=False)  # closing twice is harmless; tests may close it themselves
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--long",
+        action="store_true",
+        help="run tests/chaos at full length (200 kills, 100,000 fuzz inputs, longer faults)",
+    )
+
+
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers", "brokers: runs against the real Kafka and Mosquitto of tests/conftest.py"
     )
+    config.addinivalue_line("markers", "chaos: fault and hostile-client tests of tests/chaos")
+
+
+@pytest.fixture(name="long_run", scope="session")
+def fixture_long_run(request: pytest.FixtureRequest) -> bool:
+    """True under ``pytest --long``: chaos tests run their full length, else the CI one."""
+    return bool(request.config.getoption("--long"))
 
 
 @pytest.fixture(name="kafka_broker", scope="session")
