@@ -3,6 +3,7 @@ Daemon benchmark: a load generator over the real Unix socket of a real `rerankd 
 
     python bench/bench_daemon.py            # full run, about 4 minutes
     python bench/bench_daemon.py --quick    # about 1 minute
+    python bench/bench_daemon.py --smoke    # 500 users, 1 s per cell: bench/run --quick's
 
 What it measures, with the sequential model on (a SASRec model of 10,000 items, L =
 50, d = 64, 2 blocks, random weights: latency does not depend on what it learned) and
@@ -18,7 +19,8 @@ What it measures, with the sequential model on (a SASRec model of 10,000 items, 
 
 The load generator runs on the same 2 cores as the daemon, so its own CPU time
 competes with the daemon's: the figures are what one machine does end to end.
-Writes bench/out/daemon.json and prints a table.
+Writes bench/out/daemon.json (or under ``$RERANKD_BENCH_OUT``, which ``bench/run --out``
+sets), with the event-to-visible samples themselves (``samples_ms``), and prints a table.
 """
 
 from __future__ import annotations
@@ -125,11 +127,11 @@ def _event(n: int, user: str, item: str, kind: str = "view") -> dict[str, Any]:
     return {"id": f"b-{n}", "type": kind, "user": user, "item": item, "ts": time.time() - 1}
 
 
-async def populate(path: Path, rng: np.random.Generator) -> None:
-    """N_USERS users with 30 views each, in batches of 1000."""
+async def populate(path: Path, rng: np.random.Generator, users: int = N_USERS) -> None:
+    """``users`` users with 30 views each, in batches of 1000."""
     conn = await Conn.open(path)
-    events = [_event(k, f"user-{k % N_USERS}", f"sku-{int(rng.integers(N_ITEMS))}")
-              for k in range(N_USERS * 30)]  # fmt: skip
+    events = [_event(k, f"user-{k % users}", f"sku-{int(rng.integers(N_ITEMS))}")
+              for k in range(users * 30)]  # fmt: skip
     for start in range(0, len(events), 1000):
         await conn.call("ingest", events=events[start : start + 1000])
     await conn.close()
@@ -223,10 +225,11 @@ async def event_to_visible(path: Path, rounds: int) -> dict[str, Any]:
         await ack
     for c in (writer, reader):
         await c.close()
-    return summarize(delays, None)
+    return summarize(delays, None, keep=True)
 
 
-def summarize(samples: list[float], wall: float | None) -> dict[str, Any]:
+def summarize(samples: list[float], wall: float | None, *, keep: bool = False) -> dict[str, Any]:
+    """Percentiles in ms (and the rate over ``wall``); ``keep``: the samples too, in ms."""
     a = np.asarray(samples) * 1e3
     out: dict[str, Any] = {
         "n": len(a),
@@ -236,17 +239,24 @@ def summarize(samples: list[float], wall: float | None) -> dict[str, Any]:
     }
     if wall:
         out["per_s"] = round(len(a) / wall, 1)
+    if keep:
+        out["samples_ms"] = [round(float(x), 3) for x in a]
     return out
 
 
 # ------------------------------------------------------------------------- main
 
 
-async def run_all(path: Path, quick: bool) -> dict[str, Any]:  # noqa: FBT001
+#: (seconds per cell, users, rounds after a new event, event-to-visible probes) per mode
+SIZES = {"full": (10.0, N_USERS, 1000, 500), "quick": (3.0, N_USERS, 200, 100),
+         "smoke": (1.0, 500, 50, 50)}  # fmt: skip
+
+
+async def run_all(path: Path, mode: str) -> dict[str, Any]:
+    seconds, n_users, after_rounds, probes = SIZES[mode]
     rng = np.random.default_rng(0)
-    await populate(path, rng)
-    seconds = 3.0 if quick else 10.0
-    users = [f"user-{k}" for k in range(N_USERS)]
+    await populate(path, rng, n_users)
+    users = [f"user-{k}" for k in range(n_users)]
     results: dict[str, Any] = {"rank": {}, "rank_with_ingest": {}}
     results["warm_up"] = await warm_every_user(path, users)
     for c in (1, 8, 32, 128):
@@ -263,11 +273,15 @@ async def run_all(path: Path, quick: bool) -> dict[str, Any]:  # noqa: FBT001
         results["rank_with_ingest"][c] = figures
         print(f"rank + ingest, {c:>3} connections: {figures}", flush=True)
     results["cached_1_connection"] = results["rank"][1]
-    results["after_new_event"] = await after_new_event(path, 200 if quick else 1000)
+    results["after_new_event"] = await after_new_event(path, after_rounds)
     print(f"rank right after the user's event: {results['after_new_event']}", flush=True)
-    results["event_to_visible"] = await event_to_visible(path, 100 if quick else 500)
-    print(f"event to visible: {results['event_to_visible']}", flush=True)
+    results["event_to_visible"] = await event_to_visible(path, probes)
+    print(f"event to visible: {_brief(results['event_to_visible'])}", flush=True)
     return results
+
+
+def _brief(figures: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in figures.items() if k != "samples_ms"}
 
 
 def verdicts(r: dict[str, Any]) -> list[dict[str, str]]:
@@ -292,33 +306,42 @@ def judge(checks: list[tuple[str, float, float, str]]) -> list[dict[str, str]]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[1])
     parser.add_argument("--quick", action="store_true", help="3 s per cell instead of 10 s")
+    parser.add_argument("--smoke", action="store_true",
+                        help="500 users, 1 s per cell, 50 probes: checks that it runs")
     args = parser.parse_args()
+    mode = "smoke" if args.smoke else "quick" if args.quick else "full"
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
         make_model(tmp / "model.safetensors")
         proc, path = start_daemon(tmp)
         try:
-            results = asyncio.run(run_all(path, args.quick))
+            results = asyncio.run(run_all(path, mode))
         finally:
             proc.terminate()
             proc.wait(timeout=60)
     results["targets"] = verdicts(results)
-    write_results(results, "daemon", quick=args.quick)
+    write_results(results, "daemon", quick=args.quick, smoke=args.smoke)
 
 
-def write_results(results: dict[str, Any], name: str, *, quick: bool) -> None:
-    """Add the machine, print the verdicts, write ``bench/out/<name>.json``."""
+def out_dir() -> Path:
+    """Where the figures go: ``$RERANKD_BENCH_OUT`` (``bench/run --out``) or bench/out."""
+    return Path(os.environ.get("RERANKD_BENCH_OUT") or ROOT / "bench" / "out")
+
+
+def write_results(results: dict[str, Any], name: str, *, quick: bool, smoke: bool = False
+                  ) -> None:  # fmt: skip
+    """Add the machine, print the verdicts, write ``<out_dir()>/<name>.json``."""
     results["machine"] = {
         "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-        "python": platform.python_version(), "quick": quick,
+        "python": platform.python_version(), "quick": quick, "smoke": smoke,
         "git_commit": subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT,  # noqa: S607
                                      capture_output=True, text=True, check=False).stdout.strip(),
     }  # fmt: skip
     for t in results["targets"]:
         print(f"{t['verdict']:>6}  {t['target']}: {t['measured']}")
-    out = ROOT / "bench" / "out" / f"{name}.json"
-    out.parent.mkdir(exist_ok=True)
+    out = out_dir() / f"{name}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2))
     print(f"wrote {out}")
 

@@ -3,11 +3,14 @@ Event-store benchmark: decode, durable append, fold, the ingest pipeline, replay
 
     python bench/bench_eventstore.py            # full run, about 3-5 minutes
     python bench/bench_eventstore.py --quick    # about 30 s, smaller samples
+    python bench/bench_eventstore.py --smoke    # one small sample of each (bench/run --quick)
     python bench/bench_eventstore.py --profile  # also cProfile the single-thread pipeline
 
-Prints every figure and a markdown table, and writes them to bench/out/eventstore.json.
+Prints every figure and a markdown table, and writes them to bench/out/eventstore.json
+(``$RERANKD_BENCH_OUT`` instead of bench/out when set, as ``bench/run --out`` does).
 The 1M-event replay log is generated once (``synchronous=OFF``) into
-bench/out/replay-1m/ and reused while its generator version matches.
+bench/out/replay-1m/ and reused while its generator version matches (the smaller logs of
+``--quick`` and ``--smoke`` likewise).
 
 Workload: a catalogue of 20k items (item events, 60% with a category, 20 categories),
 then interactions of 30k users with a skewed (power-law-like) choice of users and
@@ -62,7 +65,7 @@ from eventstore import (
 from eventstore.log import Synchronous
 
 ROOT = Path(__file__).resolve().parent.parent
-OUT = ROOT / "bench" / "out"
+OUT = Path(os.environ.get("RERANKD_BENCH_OUT") or ROOT / "bench" / "out")
 REPLAY_DIR = OUT / "replay-1m"
 GENERATOR_VERSION = "1"  # bump when the workload changes, to regenerate the cached log
 USERS = 30_000
@@ -587,7 +590,7 @@ def table(r: dict[str, Any], *, quick: bool) -> str:
         mem["rss_bytes_per_user"], "B")
     out = [f"Machine: {m['cpu']}, {m['cores']} cores, Python {m['python']}, SQLite {m['sqlite']}, "
            f"numpy {m['numpy']}, msgspec {m['msgspec']}; {m['date']}; commit {m['git_commit']}"
-           + (" (--quick)" if quick else ""), "",
+           + (" (--smoke)" if r.get("smoke") else " (--quick)" if quick else ""), "",
            "| measurement | median | p99 |", "|---|---:|---:|"]
     out += [f"| {a} | {b} | {c} |" for a, b, c in rows]
     out += ["", "| target | measured | |", "|---|---:|---|"]
@@ -636,6 +639,8 @@ def profile_pipeline(catalogue: list[list[Event]], n: int) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="smaller samples, about 30 s")
+    parser.add_argument("--smoke", action="store_true",
+                        help="one small sample of each, about 10 s: checks that it runs")
     parser.add_argument("--profile", action="store_true",
                         help="cProfile the single-thread pipeline and print the top functions")
     parser.add_argument("--rss-probe", type=int, help=argparse.SUPPRESS)
@@ -643,33 +648,41 @@ def main() -> None:
     if args.rss_probe:
         rss_probe(args.rss_probe)
         return
-    q = args.quick
+    mode = "smoke" if args.smoke else "quick" if args.quick else "full"
+    q = mode != "full"
+
+    def pick(full: Any, quick: Any, smoke: Any) -> Any:
+        return {"full": full, "quick": quick, "smoke": smoke}[mode]
+
     started = time.perf_counter()
     OUT.mkdir(parents=True, exist_ok=True)
     work = Workload(seed=1)
     catalogue = decode_all(work.catalogue_batches())
-    r: dict[str, Any] = {"machine": machine(), "quick": q}
+    r: dict[str, Any] = {"machine": machine(), "quick": q, "smoke": args.smoke}
+    replay_n = pick(1_000_000, 200_000, 50_000)
     steps: list[tuple[str, Callable[[], Any]]] = [
-        ("decode", lambda: bench_decode(work, 20 if q else 100, 20_000 if q else 100_000,
-                                        3 if q else 7)),
-        ("append", lambda: bench_append(work, {1: 100, 100: 50, 1000: 10} if q else
-                                        {1: 500, 100: 200, 1000: 40}, 3 if q else 5)),
-        ("fold", lambda: bench_fold(work, catalogue, 50_000 if q else 300_000, 3 if q else 5)),
-        ("pipeline", lambda: bench_pipeline(work, catalogue, 50_000 if q else 200_000,
-                                            3 if q else 5)),
-        ("pipeline_5000", lambda: bench_pipeline(work, catalogue, 50_000 if q else 200_000,
-                                                 3 if q else 5, size=5000)),
+        ("decode", lambda: bench_decode(work, pick(100, 20, 5), pick(100_000, 20_000, 5_000),
+                                        pick(7, 3, 1))),
+        ("append", lambda: bench_append(work, pick({1: 500, 100: 200, 1000: 40},
+                                                   {1: 100, 100: 50, 1000: 10},
+                                                   {1: 30, 100: 10, 1000: 5}), pick(5, 3, 1))),
+        ("fold", lambda: bench_fold(work, catalogue, pick(300_000, 50_000, 20_000),
+                                    pick(5, 3, 1))),
+        ("pipeline", lambda: bench_pipeline(work, catalogue, pick(200_000, 50_000, 20_000),
+                                            pick(5, 3, 1))),
+        ("pipeline_5000", lambda: bench_pipeline(work, catalogue, pick(200_000, 50_000, 20_000),
+                                                 pick(5, 3, 1), size=5000)),
         ("group_commit", lambda: {
             "1000-event requests": bench_group_commit(
-                work, catalogue, 50_000 if q else 200_000, producers=4, size=1000, window=2,
-                repeats=2 if q else 3),
+                work, catalogue, pick(200_000, 50_000, 20_000), producers=4, size=1000,
+                window=2, repeats=pick(3, 2, 1)),
             "10-event requests": bench_group_commit(
-                work, catalogue, 10_000 if q else 50_000, producers=8, size=10, window=1,
-                repeats=2 if q else 3)}),
-        ("replay", lambda: bench_replay(200_000 if q else 1_000_000, 1 if q else 3)),
-        ("append_large", lambda: bench_append_large(work, 200_000 if q else 1_000_000,
-                                                    10 if q else 20, 2 if q else 3)),
-        ("memory", lambda: bench_memory(20_000 if q else 100_000)),
+                work, catalogue, pick(50_000, 10_000, 5_000), producers=8, size=10, window=1,
+                repeats=pick(3, 2, 1))}),
+        ("replay", lambda: bench_replay(replay_n, pick(3, 1, 1))),
+        ("append_large", lambda: bench_append_large(work, replay_n, pick(20, 10, 5),
+                                                    pick(3, 2, 1))),
+        ("memory", lambda: bench_memory(pick(100_000, 20_000, 20_000))),
     ]
     for name, step in steps:
         t0 = time.perf_counter()

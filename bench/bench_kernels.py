@@ -3,6 +3,7 @@ Kernel benchmark: latency of the serving path, rerankd against plain numpy and P
 
     python3 bench/bench_kernels.py                 # full run, about 3-5 minutes
     python3 bench/bench_kernels.py --quick         # N = 500, B in {1, 64}, ~10x fewer calls
+    python3 bench/bench_kernels.py --smoke         # N = 500, B in {1, 16, 64}, one short round
     python3 bench/bench_kernels.py --device gpu    # rerankd (and torch) on the accelerator
     python3 bench/bench_kernels.py --profile       # also cProfile rerankd's B = 1 score call
     bench/setup-torch-env                          # once: bench/.venv with torch (baseline)
@@ -32,7 +33,10 @@ rest of the machine falls on all of them alike; the table's last column is the s
 all cores that other processes used meanwhile (/proc/stat). A cell where that exceeds
 ``--max-others`` is measured again after a quiet spell (``--retries`` times at most),
 and a cell that stayed disturbed shows it.
-Prints a table and the two targets and writes everything to bench/out/kernels.json.
+Prints a table and the two targets and writes everything to bench/out/kernels.json
+(``$RERANKD_BENCH_OUT`` instead of bench/out when set, as ``bench/run --out`` does).
+``--smoke`` (``bench/run --quick``) compiles only the buckets it uses and never waits
+for a quiet spell: it shows that the path works, its figures are rough.
 """
 
 from __future__ import annotations
@@ -67,7 +71,7 @@ from kernels.runtime import Ranker
 from kernels.sasrec import SasrecConfig, init_params
 
 ROOT = Path(__file__).resolve().parent.parent
-OUT = ROOT / "bench" / "out"
+OUT = Path(os.environ.get("RERANKD_BENCH_OUT") or ROOT / "bench" / "out")
 TORCH_PYTHON = ROOT / "bench" / ".venv" / "bin" / "python"
 TORCH_WORKER = ROOT / "bench" / "_torch_baseline.py"
 CONFIG = SasrecConfig(num_items=50_000, max_len=50, dim=64, num_blocks=2, num_heads=1)
@@ -119,6 +123,9 @@ class Plan:
 
 FULL_PLAN = Plan(budget_s=2.0, max_calls=5000, fast_min_calls=1000, slow_min_calls=50, rounds=4)
 QUICK_PLAN = Plan(budget_s=0.2, max_calls=500, fast_min_calls=100, slow_min_calls=10, rounds=2)
+SMOKE_PLAN = Plan(budget_s=0.1, max_calls=200, fast_min_calls=50, slow_min_calls=5, rounds=1)
+#: --smoke's cells, and the only buckets it compiles
+SMOKE_BATCHES, SMOKE_CANDIDATES = (1, 16, 64), 500
 
 
 # --- model and inputs ------------------------------------------------------------------
@@ -149,9 +156,13 @@ def make_inputs(rng: np.random.Generator, b: int, n: int) -> tuple[np.ndarray, .
     return seqs, idx, feats
 
 
-def make_cells(ranker: Ranker, *, quick: bool) -> list[Cell]:
+def make_cells(ranker: Ranker, *, quick: bool, smoke: bool = False) -> list[Cell]:
     rng = np.random.default_rng(1)
-    shapes = [(b, 500) for b in (1, 64)] if quick else [(b, n) for n in CANDIDATES for b in BATCHES]
+    shapes = [(b, n) for n in CANDIDATES for b in BATCHES]
+    if smoke:
+        shapes = [(b, SMOKE_CANDIDATES) for b in SMOKE_BATCHES]
+    elif quick:
+        shapes = [(b, 500) for b in (1, 64)]
     cells = []
     for b, n in shapes:
         seqs, idx, feats = make_inputs(rng, b, n)
@@ -588,6 +599,11 @@ def parse_args() -> argparse.Namespace:
         "--quick", action="store_true", help="N = 500, B in {1, 64}, ~10x fewer calls"
     )
     parser.add_argument(
+        "--smoke",
+        action="store_true",
+        help="N = 500, B in {1, 16, 64}, one short round, no retries: checks that it runs",
+    )
+    parser.add_argument(
         "--device",
         choices=("auto", "cpu", "gpu"),
         default="auto",
@@ -617,10 +633,17 @@ def parse_args() -> argparse.Namespace:
     return parser.parse_args()
 
 
-def start_rerankd(device: jax.Device) -> tuple[dict[str, np.ndarray], Ranker, dict[str, Any]]:
+def start_rerankd(
+    device: jax.Device, *, smoke: bool = False
+) -> tuple[dict[str, np.ndarray], Ranker, dict[str, Any]]:
     """The model's parameters, a warmed-up Ranker on ``device``, and what warm-up did."""
     params = make_params()
-    ranker = Ranker(params, CONFIG, top_k=TOP_K, feature_weights=WEIGHTS, device=device)
+    buckets: dict[str, Any] = {}
+    if smoke:  # the smoke run's cells need only these executables
+        buckets = {"batch_buckets": SMOKE_BATCHES, "candidate_buckets": (512,)}
+    ranker = Ranker(
+        params, CONFIG, top_k=TOP_K, feature_weights=WEIGHTS, device=device, **buckets
+    )
     warm = ranker.warmup()
     print(
         f"rerankd warm-up: {warm.executables} executables in {warm.seconds:.1f} s on {warm.device}"
@@ -649,6 +672,7 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     report: dict[str, Any] = {
         "machine": machine(device),
         "quick": args.quick,
+        "smoke": args.smoke,
         "model": {
             **CONFIG.to_dict(),
             "top_k": TOP_K,
@@ -657,8 +681,8 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         "max_others_cpu_share": args.max_others,
         "retries": args.retries,
     }
-    params, ranker, report["warmup"] = start_rerankd(device)
-    cells = make_cells(ranker, quick=args.quick)
+    params, ranker, report["warmup"] = start_rerankd(device, smoke=args.smoke)
+    cells = make_cells(ranker, quick=args.quick, smoke=args.smoke)
     report["reference_vec_rel_error"] = check_reference(params, cells[-1])
     write_worker_inputs(workdir, params, cells)
     torch_device = "cpu" if device.platform == "cpu" else "cuda"
@@ -674,8 +698,9 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         report["checks"] = check_all(impls, cells)
         print("correctness: every implementation matches rerankd; timing ...", flush=True)
         pids = [os.getpid()] + ([worker.pid] if worker else [])
-        meter = CpuMeter(pids, max_others=args.max_others, retries=args.retries)
-        plan = QUICK_PLAN if args.quick else FULL_PLAN
+        retries = 0 if args.smoke else args.retries
+        meter = CpuMeter(pids, max_others=args.max_others, retries=retries)
+        plan = SMOKE_PLAN if args.smoke else QUICK_PLAN if args.quick else FULL_PLAN
         report["cells"] = list(measure(impls, cells, plan, meter))
     finally:
         if worker:
@@ -684,7 +709,7 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     report["targets"] = targets(report["cells"])
     if args.profile:
         cell = next(c for c in cells if (c.b, c.n) == (1, 500))
-        report["profile"] = profile_score(ranker, cell, 300 if args.quick else 3000)
+        report["profile"] = profile_score(ranker, cell, 300 if args.quick or args.smoke else 3000)
     return report
 
 
@@ -695,7 +720,7 @@ def print_report(report: dict[str, Any]) -> None:
         f"\nMachine: {m['cpu']}, {m['cores']} cores, {m['ram_gib']} GiB; Python {m['python']}, "
         f"jax {m['jax']} on {m['jax_device']}{card}, numpy {m['numpy']} ({m['numpy_blas']}); "
         f"{t['note']}; {m['date']}, commit {m['git_commit']}"
-        + (" (--quick)" if report["quick"] else "")
+        + (" (--smoke)" if report["smoke"] else " (--quick)" if report["quick"] else "")
     )
     w = report["warmup"]
     print(f"rerankd warm-up: {w['executables']} executables, {w['seconds']:.1f} s")

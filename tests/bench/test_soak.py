@@ -1,0 +1,101 @@
+"""
+bench/soak's smoke run: the soak benchmark runs end to end on real brokers and a real
+daemon, and writes the JSON contract that bench/run reads, and the plot (issue 8).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+#: The contract's fields of one sample, with their JSON types.
+SAMPLE_FIELDS = {
+    "t_s": float, "rss_mb": float, "fds": int, "queues": dict, "rank_p50_ms": float,
+    "rank_p99_ms": float, "ranks": int, "events": int, "rank_errors": int,
+    "ingest_errors": int, "log_bytes": int,
+}  # fmt: skip
+RANK_RATE, EVENT_RATE, SECONDS = 100, 200, 30  # Kafka 80% of the events, MQTT the rest
+
+
+@pytest.fixture(name="soak", scope="module")
+def fixture_soak(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Any]]:
+    """One 30-second soak at low rates into a temporary --out; (out, soak.json)."""
+    out = tmp_path_factory.mktemp("soak")
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "soak"), "--minutes", str(SECONDS / 60),
+         "--sample-s", "10", "--warmup-minutes", "0.1", "--rank-rate", str(RANK_RATE),
+         "--event-rate", str(EVENT_RATE), "--users", "1000",
+         # a starved CI machine may stall for seconds; a timeout is not what this checks
+         "--timeout-s", "30", "--out", str(out)],
+        capture_output=True, text=True, timeout=900, check=False, cwd=ROOT,
+    )  # fmt: skip
+    assert 0 == done.returncode, done.stdout[-4000:] + done.stderr[-4000:]
+    return out, json.loads((out / "soak.json").read_text())
+
+
+def _numbers(value: Any) -> list[float]:
+    if isinstance(value, dict):
+        return [n for v in value.values() for n in _numbers(v)]
+    if isinstance(value, list):
+        return [n for v in value for n in _numbers(v)]
+    return [value] if isinstance(value, int | float) and not isinstance(value, bool) else []
+
+
+@pytest.mark.brokers
+def test_samples_follow_the_contract(soak: tuple[Path, dict[str, Any]]) -> None:
+    """One sample per 10 s, each with the contract's fields, all numbers finite."""
+    _, results = soak
+    samples = results["samples"]
+    assert [10.0, 20.0, 30.0] == [s["t_s"] for s in samples]
+    for sample in samples:
+        assert dict.fromkeys(SAMPLE_FIELDS, True) == {
+            k: isinstance(sample.get(k), t) for k, t in SAMPLE_FIELDS.items()
+        }
+        assert all(isinstance(v, int) for v in sample["queues"].values())
+        assert {"writer_pending", "kafka_lag", "mqtt_unacked", "rank_batcher"} <= set(
+            sample["queues"]
+        )
+        assert all(math.isfinite(n) for n in _numbers(sample))
+        assert sample["rss_mb"] > 0
+        assert sample["fds"] > 0
+        assert sample["ranks"] > 0
+        assert sample["events"] > 0
+        assert sample["log_bytes"] > 0
+    assert (0.5, RANK_RATE, EVENT_RATE, 0.1) == (
+        results["minutes"], results["rank_rate"], results["event_rate"],
+        results["warmup_minutes"],
+    )  # fmt: skip
+    assert {"date", "cpu", "cores", "python", "git_commit"} <= set(results["machine"])
+
+
+@pytest.mark.brokers
+def test_no_errors_and_every_event_durable(soak: tuple[Path, dict[str, Any]]) -> None:
+    """Zero errors of any kind, and every event the brokers took is in the daemon's log."""
+    _, results = soak
+    assert [(0, 0)] * 3 == [(s["rank_errors"], s["ingest_errors"]) for s in results["samples"]]
+    kafka = EVENT_RATE * 4 // 5 * SECONDS
+    expected = {"kafka": kafka, "mqtt": EVENT_RATE * SECONDS - kafka}
+    assert expected == results["published"]
+    assert expected == {feed: results["logged"][feed] for feed in expected}
+    verdicts = {t["target"]: t["verdict"] for t in results["targets"]}
+    assert "MET" == verdicts["zero errors"]
+    assert "MET" == verdicts["every published event durable at the end"]
+    assert {"MET", "MISSED"} >= set(verdicts.values())
+    assert 8 == len(verdicts)
+
+
+@pytest.mark.brokers
+def test_writes_the_plot(soak: tuple[Path, dict[str, Any]]) -> None:
+    """soak.png is a PNG image of some size beside soak.json."""
+    out, _ = soak
+    png = (out / "soak.png").read_bytes()
+    assert b"\x89PNG\r\n\x1a\n" == png[:8]
+    assert len(png) > 10_000
