@@ -59,7 +59,7 @@ def _load(dataset: Path | None, fmt: str | None) -> Any:
               help="Sequence length L (default: from the data).")
 @click.option("--dim", default=64, show_default=True, type=click.IntRange(min=1))
 @click.option("--dropout", type=click.FloatRange(0.0, 0.95), help="Default: from the data.")
-@click.option("--loss", type=click.Choice(["full", "sampled"]),
+@click.option("--loss", type=click.Choice(["full", "sampled", "bce"]),
               help="Default: from the catalogue size.")
 @click.option("--negatives", default=256, show_default=True, type=click.IntRange(min=1),
               help="Uniform negatives per step for the sampled softmax.")

@@ -215,7 +215,7 @@ class TrainOptions:
     blocks: int = 2
     heads: int = 1
     dropout: float | None = None
-    loss: Literal["full", "sampled"] | None = None
+    loss: Literal["full", "sampled", "bce"] | None = None
     negatives: int = NEGATIVES
     batch_size: int = 128
     learning_rate: float = 2e-3
@@ -232,7 +232,7 @@ class Plan:
     """What :func:`plan` chose: the model's shape and the loss."""
 
     config: Any  # kernels.sasrec.SasrecConfig (imported lazily: jax)
-    loss: Literal["full", "sampled"]
+    loss: Literal["full", "sampled", "bce"]
     negatives: int
 
 

@@ -44,6 +44,7 @@ if TYPE_CHECKING:
 __all__ = [
     "EpochRecord",
     "TrainReport",
+    "bce_loss",
     "default_optimizer",
     "fit",
     "full_ranking_metrics",
@@ -58,7 +59,7 @@ __all__ = [
 Params = dict[str, jax.Array]
 #: An integer array as callers give it: numpy or JAX.
 IntArray = np.ndarray | jax.Array
-LossName = Literal["full", "sampled"]
+LossName = Literal["full", "sampled", "bce"]
 TrainStep = Callable[
     [Params, optax.OptState, IntArray, IntArray, jax.Array],
     tuple[Params, optax.OptState, jax.Array],
@@ -176,6 +177,45 @@ def sampled_softmax_loss(
     return _masked_softmax_ce(logits, jnp.zeros_like(targets), where=where, slot_where=targets > 0)
 
 
+def bce_loss(
+    params: Params,
+    inputs: jax.Array,
+    targets: jax.Array,
+    negatives: jax.Array,
+    *,
+    config: SasrecConfig,
+    key: jax.Array | None = None,
+) -> jax.Array:
+    r"""
+    The SASRec paper's binary cross-entropy: one negative per target slot.
+
+    ``loss = mean_{(b,t): targets_{b,t} > 0} (-log s(z_{target}) - [n != target]
+    log(1 - s(z_n)))`` with ``s`` the logistic function and ``n = negatives_{b,t}``;
+    0.0 when no slot has a target.
+
+    Args:
+        params: the encoder's parameters.
+        inputs: int ``[B, L]``, left-padded with 0.
+        targets: int ``[B, L]`` in ``[0, V]``; 0 = no target at that slot.
+        negatives: int ``[B, L]`` in ``[1, V]``, one per slot.
+        config: the encoder's static configuration.
+        key: dropout key (training); None = deterministic.
+
+    Returns:
+        float32 scalar.
+
+    """
+    outputs = sequence_outputs(params, inputs, config=config, key=key)
+    table = params["item_emb"]
+    positive = jnp.sum(outputs * table[targets], axis=-1)
+    negative = jnp.sum(outputs * table[negatives], axis=-1)
+    nll = -jax.nn.log_sigmoid(positive) - jnp.where(
+        negatives == targets, 0.0, jax.nn.log_sigmoid(-negative)
+    )
+    slots = targets > 0
+    return jnp.sum(jnp.where(slots, nll, 0.0)) / jnp.maximum(jnp.sum(slots), 1)
+
+
 # ----------------------------------------------------------------------------- optimiser
 
 
@@ -228,6 +268,15 @@ def _loss_of_key(
     if loss == "full":
         return lambda p, x, y, key: full_softmax_loss(p, x, y, config=config, key=key)
 
+    if loss == "bce":
+
+        def bce(p: Params, x: jax.Array, y: jax.Array, key: jax.Array) -> jax.Array:
+            drop_key, neg_key = jax.random.split(key)
+            negs = jax.random.randint(neg_key, y.shape, 1, config.num_items + 1, dtype=jnp.int32)
+            return bce_loss(p, x, y, negs, config=config, key=drop_key)
+
+        return bce
+
     def sampled(p: Params, x: jax.Array, y: jax.Array, key: jax.Array) -> jax.Array:
         drop_key, neg_key = jax.random.split(key)
         negs = sample_negatives(neg_key, num_items=config.num_items, num_negatives=num_negatives)
@@ -249,16 +298,17 @@ def make_train_step(
     ``step(params, opt_state, inputs, targets, key) -> (params, opt_state, loss_value)``:
     ``inputs``/``targets`` are int32 ``[B, L]`` (see the module docstring); ``key``
     drives dropout and, for ``loss="sampled"``, the ``num_negatives`` negatives of this
-    step. ``config`` and ``optimizer`` are closed over (static), so the step compiles
+    step (``loss="bce"``: one negative per target slot). ``config`` and ``optimizer``
+    are closed over (static), so the step compiles
     once per batch shape. After the update, row 0 of ``item_emb`` (padding) is reset to
     zero. Buffers are not donated: callers may keep earlier parameters (best epoch).
 
     Raises:
-        ValueError: ``loss`` is not "full"/"sampled", or ``num_negatives`` < 1.
+        ValueError: ``loss`` is not "full"/"sampled"/"bce", or ``num_negatives`` < 1.
 
     """
-    if loss not in {"full", "sampled"}:
-        _fail("loss", 'must be "full" or "sampled"', repr(loss))
+    if loss not in {"full", "sampled", "bce"}:
+        _fail("loss", 'must be "full", "sampled" or "bce"', repr(loss))
     _check_count("num_negatives", num_negatives)
     loss_fn = _loss_of_key(config, loss, num_negatives)
 
@@ -695,7 +745,8 @@ def fit(
         epochs: maximum number of epochs, >= 1.
         batch_size: training rows per step, >= 1.
         seed: seeds shuffling, dropout and negative sampling.
-        loss: "full" (softmax over all items) or "sampled" (``num_negatives`` shared).
+        loss: "full" (softmax over all items), "sampled" (``num_negatives`` shared) or
+            "bce" (the SASRec paper's: one negative per slot).
         num_negatives: negatives per step for ``loss="sampled"``.
         optimizer: an optax transformation; None = :func:`default_optimizer`.
         patience: epochs without improvement before stopping, >= 1.
