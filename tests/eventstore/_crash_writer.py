@@ -13,6 +13,9 @@ covers, and reports what it does on stdout, one flushed line each:
                                 events already in the log or repeated inside the batch
 ``ACK <batch> <accepted> <duplicates> <position>``   append returned: the batch is durable
 ``SNAP`` / ``SNAPPED``          around an explicit ``Store.snapshot()``
+``TORN``                        with ``--hold-in-tmp``: the snapshot's temporary file is
+                                written in full (``full``) or half (``half``) and not yet
+                                renamed; the writer then sleeps until it is killed
 ``ERROR <text>``                the append result was not what the batch implies
 
 Every new event carries its Kafka offset as ``ko`` (in ``context``, or in ``fields``
@@ -25,10 +28,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import sys
+import time
 
 import eventstore
+from eventstore import snapshots
 
 FEED = ("kafka:t", "0")
 TYPES = ("view", "view", "view", "click", "click", "cart", "purchase", "rating", "like",
@@ -73,6 +79,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--users", type=int, default=300)
     parser.add_argument("--items", type=int, default=500)
     parser.add_argument("--wait", action="store_true", help="wait for a stdin line after LOADED")
+    parser.add_argument("--hold-in-tmp", choices=("full", "half"),
+                        help="stop inside the first snapshot write, its temp file on disk")
     return parser.parse_args()
 
 
@@ -82,8 +90,25 @@ def say(line: str) -> None:
     sys.stdout.flush()
 
 
+def hold_in_tmp(mode: str) -> None:
+    """Make the next snapshot write stop with its temporary file on disk, fully or half written.
+
+    So that every run of the test has kills that leave a torn temporary file, which a kill
+    at a random moment rarely does (the file exists for a few milliseconds).
+    """
+    def write_and_hold(fd: int, data: bytes) -> None:
+        os.write(fd, data if mode == "full" else data[: len(data) // 2])
+        os.fsync(fd)
+        say("TORN")
+        time.sleep(600)
+
+    snapshots._write_all = write_and_hold  # noqa: SLF001 - test instrumentation
+
+
 def main() -> None:
     args = parse_args()
+    if args.hold_in_tmp:
+        hold_in_tmp(args.hold_in_tmp)
     say("LOADED")
     if args.wait:
         sys.stdin.readline()

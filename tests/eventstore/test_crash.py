@@ -24,9 +24,11 @@ and offset the check found.
 
 Schedule (seeded): 60 kills over 5 directories of 12 runs. Every third run snapshots
 after every batch. The first run of each directory and about 10% of the others are
-killed 0-30 ms after being let go (creating, opening, restoring); the rest 20-300 ms
-after READY. Each writer is started two runs ahead and held before opening the store,
-so its ~0.5 s of imports overlaps the checks. About 20 s on 2 cores: not marked slow.
+killed 0-30 ms after being let go (creating, opening, restoring); the sixth of each
+directory is killed inside its first snapshot write, the temporary file on disk in full or
+in half (a random kill leaves one only now and then); the rest 20-300 ms after READY.
+Each writer is started two runs ahead and held before opening the store, so its ~0.5 s
+of imports overlaps the checks. About 40 s on 2 cores: not marked slow.
 """
 
 from __future__ import annotations
@@ -96,12 +98,15 @@ class Tally:
 class Writer:
     """One writer process, started ahead of time and held at ``LOADED`` until :meth:`go`."""
 
-    def __init__(self, directory: Path, seed: int, *, snapshots: bool, errors: IO[bytes]) -> None:
+    def __init__(self, directory: Path, seed: int, *, snapshots: bool, hold: str | None,
+                 errors: IO[bytes]) -> None:
         self.seed = seed
         args = [sys.executable, str(WRITER), str(directory), "--seed", str(seed),
                 "--fold", json.dumps(FOLD), "--wait"]
         if snapshots:  # snapshot after every batch: many kills inside snapshot writing
             args += ["--snapshot-prob", "1.0", "--snapshot-every", "100000", "--users", "1000"]
+        if hold:  # stop inside the first snapshot write, its temporary file on disk
+            args += ["--hold-in-tmp", hold]
         self.proc = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      stderr=errors)
         self.lines: list[str] = []
@@ -229,13 +234,26 @@ def _check(directory: Path, history: History, tally: Tally) -> None:
         store.close(snapshot=False)
 
 
-def _plan(tmp_path: Path, rng: random.Random) -> list[tuple[Path, bool, bool]]:
-    """(directory, snapshot after every batch?, kill 0-30 ms after GO?) for each run."""
+@dataclass(frozen=True)
+class Run:
+    """One writer of the schedule."""
+
+    directory: Path
+    snapshots: bool     # snapshot after every batch
+    early: bool         # killed 0-30 ms after GO
+    hold: str | None    # killed once the snapshot temp file is on disk, "full" or "half"
+
+
+def _plan(tmp_path: Path, rng: random.Random) -> list[Run]:
+    """The seeded schedule; the sixth run of each directory is killed with a torn temp file."""
     plan = []
     for run in range(KILLS):
+        directory = run // RUNS_PER_DIRECTORY
         first = run % RUNS_PER_DIRECTORY == 0  # a new directory: kill it while creating
-        plan.append((tmp_path / f"store{run // RUNS_PER_DIRECTORY}", run % 3 == 2,
-                     first or rng.random() < 0.1))
+        torn = run % RUNS_PER_DIRECTORY == 5
+        plan.append(Run(tmp_path / f"store{directory}", snapshots=run % 3 == 2 or torn,
+                        early=not torn and (first or rng.random() < 0.1),
+                        hold=("half" if directory % 2 else "full") if torn else None))
     return plan
 
 
@@ -245,18 +263,23 @@ def _crash_loop(tmp_path: Path, errors: IO[bytes]) -> Tally:
     plan = _plan(tmp_path, rng)
     tally = Tally()
     histories: dict[Path, History] = {}
-    ahead: deque[Writer] = deque(
-        Writer(plan[run][0], SEED + run, snapshots=plan[run][1], errors=errors)
-        for run in range(2))
+
+    def start(run: int) -> Writer:
+        return Writer(plan[run].directory, SEED + run, snapshots=plan[run].snapshots,
+                      hold=plan[run].hold, errors=errors)
+
+    ahead: deque[Writer] = deque(start(run) for run in range(2))
     try:
-        for run, (directory, _, early) in enumerate(plan):
+        for run, step in enumerate(plan):
+            directory = step.directory
             writer = ahead[0]
             if run + 2 < KILLS:
-                ahead.append(Writer(plan[run + 2][0], SEED + run + 2,
-                                    snapshots=plan[run + 2][1], errors=errors))
+                ahead.append(start(run + 2))
             writer.wait_for("LOADED")
             writer.go()
-            if early:
+            if step.hold:
+                writer.wait_for("TORN")
+            elif step.early:
                 time.sleep(rng.uniform(0.0, 0.03))
             else:
                 writer.wait_for("READY")
@@ -264,7 +287,7 @@ def _crash_loop(tmp_path: Path, errors: IO[bytes]) -> Tally:
             words = writer.kill()
             ahead.popleft()
             _record(words, histories.setdefault(directory, History()), tally)
-            tally.early += early
+            tally.early += step.early
             tmps = list((directory / "snapshots").glob(".snapshot-*.tmp"))
             tally.torn_tmp += bool(tmps)
             tally.partial_tmp += any(_partial(tmp) for tmp in tmps)
@@ -293,6 +316,7 @@ def test_sigkill_keeps_acknowledged_batches_atomic_positions_and_exact_restore(t
     assert tally.kills >= 50
     assert tally.mid_batch >= 5, tally
     assert tally.in_snapshot >= 1, tally
-    assert tally.torn_tmp >= 1, tally
+    assert tally.torn_tmp >= KILLS // RUNS_PER_DIRECTORY, tally
+    assert tally.partial_tmp >= KILLS // RUNS_PER_DIRECTORY // 2, tally
     assert tally.snapshot_and_tail >= 5, tally
     assert tally.early >= 5, tally
