@@ -135,6 +135,10 @@ class RankingSection:
             its ranking_id), so that later clicks attribute to it.
         refresh_vectors: re-encode a user's vector in the background as soon as the
             user's events are folded, so that the next rank finds it ready.
+        refresh_share: the most of the kernel thread's time that background
+            re-encoding may take (0 < share <= 1); it also waits while ranks wait
+            for the kernels. When events touch users faster than this share can
+            encode them, the rest are encoded by their next rank, in its batch.
         cold_start: give each item the state knows and the model does not (one that
             arrived after training) a stand-in embedding until the next retrain: the
             mean of the model items of its category, else of those sharing a tag, else
@@ -155,6 +159,7 @@ class RankingSection:
     candidate_buckets: tuple[int, ...] = (64, 128, 256, 512, 1024, 2048, 4096, 8192)
     record_impressions: bool = True
     refresh_vectors: bool = True
+    refresh_share: float = 0.25
     cold_start: bool = True
     train_on_start: bool = True
     train_max_seconds: float = 300.0
@@ -165,6 +170,9 @@ class RankingSection:
             raise ValueError(msg)
         if self.max_batch < 1:
             msg = "max_batch must be >= 1"
+            raise ValueError(msg)
+        if not 0.0 < self.refresh_share <= 1.0:
+            msg = "refresh_share must be > 0 and <= 1"
             raise ValueError(msg)
         for name in ("batch_buckets", "candidate_buckets"):
             values = getattr(self, name)

@@ -55,7 +55,7 @@ from kernels.runtime import Ranker
 from plugins.base import PolicyInput, RankingPolicy
 from plugins.chain import run_policies
 
-__all__ = ["FEATURES", "RankedList", "Ranking"]
+__all__ = ["FEATURES", "EncodeJob", "RankedList", "Ranking"]
 
 FEATURES = ("popularity", "interest", "freshness")
 
@@ -88,6 +88,36 @@ class _Batch:
     cold: ColdTable | None = None  # the cold-start table the batch used, if any
     #: the weights of ``features``' columns: FEATURES, then 1.0 for the online bias if any
     weights: np.ndarray | None = None
+
+
+@dataclass(slots=True)
+class EncodeJob:
+    """
+    User vectors to encode: built on the event loop, run on the kernel thread.
+
+    `Ranking.encode_job` and `Ranking.refresh_job` build it (the Python part: each
+    user's sequence as model indices), `run` is the encoder call alone (JAX, which
+    runs without the GIL), and `Ranking.store` caches the vectors. Why split: a job
+    that also did its Python part on the kernel thread took the GIL back after every
+    step, and with the loop busy each hand-off waits up to the interpreter's 5 ms
+    switch interval (at 1,000 rank/s plus 5,000 events/s on 2 cores, a batch that
+    encoded took 30 ms at p50, bench/soak).
+    """
+
+    ranker: Ranker
+    state: State
+    rows: list[int]  # user rows ...
+    versions: list[int]  # ... and the n_events each vector is encoded for
+    seqs: np.ndarray  # int32 [len(rows), max_len], left-padded model indices
+    vectors: np.ndarray | None = None  # float32 [len(rows), d], set by run
+
+    def run(self) -> None:
+        """Encode (on the kernel thread): the model's batches at most, one call each."""
+        ranker, seqs = self.ranker, self.seqs
+        limit = ranker.batch_buckets[-1]
+        parts = [ranker.encode(seqs[start : start + limit])
+                 for start in range(0, len(seqs), limit)]  # fmt: skip
+        self.vectors = parts[0] if len(parts) == 1 else np.concatenate(parts)
 
 
 _NO_TABLE = np.zeros((1, 1), np.float32)
@@ -150,25 +180,77 @@ class Ranking:
 
     # ---------------------------------------------------------------- public
 
-    def rank_batch(self, requests: Sequence[Rank]) -> list[RankedList]:
-        """Answer ``requests`` in order, with one encode and one score call at most."""
+    def rank_batch(
+        self, requests: Sequence[Rank], *, encoded: EncodeJob | None = None
+    ) -> list[RankedList]:
+        """
+        Answer ``requests`` in order, with one encode and one score call at most.
+
+        ``encoded``: the `encode_job` of these requests, run and stored just before
+        (its users count as cache misses, not hits).
+        """
         with self._catalog_lock:
-            if self._pending_model is not None:
-                self._swap_model(*self._pending_model)
-            state = self._state_of()
-            if state is not self._state_seen:  # erasure rebuilt the state: rows renumbered
-                self._vectors.clear()
-                self._catalog = Catalog(self._vocabulary)
-                self._state_seen = state
-            self._catalog.sync(state.item_ids)
+            state = self._sync()
             batch = self._prepare(state, requests, self._current_cold(state))
         vectors = has_vector = None
         if self.ranker is not None:
-            vectors = self._user_vectors(state, batch.user_rows)
+            fresh = frozenset(encoded.rows) if encoded is not None else frozenset()
+            vectors = self._user_vectors(state, batch.user_rows, fresh)
             has_vector = vectors.any(axis=1)
             if not self.ranker.host_scores:
                 return self._score_on_device(batch, vectors, has_vector)
         return self._score_on_host(batch, vectors, has_vector)
+
+    def _sync(self) -> State:
+        """Swap in a pending model, reset after an erasure, and grow the catalogue (locked)."""
+        if self._pending_model is not None:
+            self._swap_model(*self._pending_model)
+        state = self._state_of()
+        if state is not self._state_seen:  # erasure rebuilt the state: rows renumbered
+            self._vectors.clear()
+            self._catalog = Catalog(self._vocabulary)
+            self._state_seen = state
+        self._catalog.sync(state.item_ids)
+        return state
+
+    def encode_job(self, requests: Sequence[Rank]) -> EncodeJob | None:
+        """
+        The encode that ranking ``requests`` needs (None when every vector is current).
+
+        For the batcher: it runs the job on the kernel thread, hands it to `store`, and
+        then ranks the batch on the loop with the vectors cached.
+        """
+        with self._catalog_lock:
+            state = self._sync()
+        ranker = self.ranker
+        if ranker is None:
+            return None
+        index, n_events = state.user_index, state.n_events
+        stale: dict[int, int] = {}
+        for r in requests:
+            u = index.get(r.user)
+            if u is not None and u not in stale and self._stale(u, n_events):
+                stale[u] = int(n_events[u])
+        return self._job(state, stale, ranker) if stale else None
+
+    def store(self, job: EncodeJob, *, refreshed: bool = False) -> int:
+        """
+        Cache the vectors of a job that has run; returns how many were stored.
+
+        None when the model was swapped or the state rebuilt meanwhile (they would be
+        the old model's, or of renumbered rows). A vector whose user had new events
+        meanwhile is stored for the version it was encoded for: the next rank of that
+        user encodes again.
+        """
+        current = job.ranker is self.ranker and job.state is self._state_seen
+        if job.vectors is None or not current:
+            return 0
+        vectors = self._vectors
+        for u, version, vec in zip(job.rows, job.versions, job.vectors, strict=True):
+            vectors[u] = (version, vec)
+        if refreshed:
+            self.refreshed += len(job.rows)
+        return len(job.rows)
 
     def _now(self, state: State, rows: np.ndarray) -> float:
         """
@@ -220,13 +302,14 @@ class Ranking:
         cached = self._vectors.get(u)
         return cached is None or cached[0] != n_events[u]
 
-    def refresh(self, user_rows: Sequence[int]) -> int:
+    def refresh_job(self, user_rows: Sequence[int]) -> EncodeJob | None:
         """
-        Re-encode the cached vectors of ``user_rows`` that their new events made stale.
+        The re-encode of the cached vectors of ``user_rows`` that new events made stale.
 
-        Called by the daemon's vector refresher (on the kernel thread) right after a
-        fold, so that a rank finds the vector ready instead of encoding it on the
-        request path. Returns how many vectors it encoded.
+        For the daemon's vector refresher, right after a fold (it runs the job on the
+        kernel thread and hands it to `store` with ``refreshed=True``), so that a rank finds
+        the vector ready instead of encoding it on the request path. None when there is
+        nothing to encode.
 
         Only users with a vector in the cache (users ranked since the start or the last
         model swap) are refreshed: the event stream covers many users nobody is ranking
@@ -237,16 +320,21 @@ class Ranking:
             ranker = self.ranker
             state = self._state_of()
             if ranker is None or self._pending_model is not None or state is not self._state_seen:
-                return 0  # the next batch swaps the model or resets the cache first
+                return None  # the next batch swaps the model or resets the cache first
             self._catalog.sync(state.item_ids)  # the rows of the items just folded
         n_events = state.n_events
         vectors = self._vectors
         stale = {u: int(n_events[u]) for u in user_rows
                  if u in vectors and self._stale(u, n_events)}  # fmt: skip
-        if stale:
-            self._encode(state, stale, ranker)
-            self.refreshed += len(stale)
-        return len(stale)
+        return self._job(state, stale, ranker) if stale else None
+
+    def refresh(self, user_rows: Sequence[int]) -> int:
+        """`refresh_job`, run and stored in the calling thread; returns the vectors encoded."""
+        job = self.refresh_job(user_rows)
+        if job is None:
+            return 0
+        job.run()
+        return self.store(job, refreshed=True)
 
     def forget_vectors(self) -> None:
         """Drop every cached user vector (after an erasure or a model reload)."""
@@ -386,8 +474,14 @@ class Ranking:
 
     # --------------------------------------------------------------- vectors
 
-    def _user_vectors(self, state: State, user_rows: np.ndarray) -> np.ndarray:
-        """``[B, d]``: cached where the user has had no event since, encoded otherwise."""
+    def _user_vectors(
+        self, state: State, user_rows: np.ndarray, fresh: frozenset[int] = frozenset()
+    ) -> np.ndarray:
+        """
+        ``[B, d]``: cached where the user has had no event since, encoded otherwise.
+
+        ``fresh``: user rows whose vectors were encoded for this batch (misses).
+        """
         assert self.ranker is not None
         dim = self.ranker.config.dim
         out = np.zeros((len(user_rows), dim), np.float32)
@@ -400,7 +494,10 @@ class Ranking:
             cached = self._vectors.get(u)
             if cached is not None and cached[0] == version:
                 out[k] = cached[1]
-                self.cache_hits += 1
+                if u in fresh:
+                    self.cache_misses += 1
+                else:
+                    self.cache_hits += 1
             else:
                 stale[u] = version
                 self.cache_misses += 1
@@ -412,6 +509,12 @@ class Ranking:
         return out
 
     def _encode(self, state: State, stale: dict[int, int], ranker: Ranker) -> None:
+        job = self._job(state, stale, ranker)
+        job.run()
+        self.store(job)
+
+    def _job(self, state: State, stale: dict[int, int], ranker: Ranker) -> EncodeJob:
+        """The encode of ``stale`` (user row -> version): each user's sequence as model indices."""
         rows = list(stale)
         max_len = ranker.config.max_len
         seqs = np.zeros((len(rows), max_len), np.int32)
@@ -429,13 +532,7 @@ class Ranking:
             seq = seq[seq > 0][-max_len:]
             if len(seq):
                 seqs[r, -len(seq) :] = seq
-        limit = ranker.batch_buckets[-1]
-        for start in range(0, len(rows), limit):
-            vecs = ranker.encode(seqs[start : start + limit])
-            if ranker is not self.ranker:
-                return  # the model was swapped meanwhile: these vectors are the old model's
-            for u, vec in zip(rows[start : start + limit], vecs, strict=True):
-                self._vectors[u] = (stale[u], vec)
+        return EncodeJob(ranker, state, rows, [stale[u] for u in rows], seqs)
 
     # --------------------------------------------------------------- scoring
 

@@ -99,24 +99,27 @@ class _Batcher:
     Micro-batching of rank requests: concurrent requests share one kernel call.
 
     The batcher takes the first waiting request and everything else already waiting
-    (up to ``max_batch``) and runs them as one batch on the kernel thread; a lone
-    request never waits, and under load batches grow while the previous one runs.
+    (up to ``max_batch``), encodes the vectors the batch needs on the kernel thread in
+    one call, and ranks the batch; a lone request never waits, and under load batches
+    grow while the previous one runs.
 
     Most rank requests never reach it: the server hands the rank requests of each turn
     of the loop to `Service.rank_now`, which ranks them together at once when their
     vectors are cached. The batcher serves the rest (a vector to encode, or a batch
     already running).
 
-    Where a batch runs. A batch whose users all have a current vector runs on the
-    event loop itself; only a batch that must encode a vector (JAX, which runs without
-    the GIL for milliseconds) goes to the kernel thread, so the loop keeps serving
-    meanwhile. This departs from our rule that kernel work stays off the loop, for a
-    measured reason: such a batch is mostly Python (compiled loops of a few µs per
-    request between), and Python on two threads takes turns on the GIL. When batches
-    ran on the kernel thread, each GIL hand-off made the loop wait: writing a 500-byte
-    answer (which releases the GIL for its system call) took 80 µs at p50 on the
-    2-core development machine instead of a few, and the daemon topped out at about
-    2,300 rank/s at 32 connections against about 3,000 with cached batches on the loop.
+    Where a batch runs. Ranking itself runs on the event loop; only the encoder call
+    (JAX, which runs without the GIL for milliseconds) goes to the kernel thread, so
+    the loop keeps serving meanwhile (`daemon.ranking.EncodeJob`). This departs from
+    our rule that kernel work stays off the loop, for a measured reason: a batch is
+    mostly Python (compiled loops of a few µs per request between), and Python on two
+    threads takes turns on the GIL. When whole batches ran on the kernel thread, each
+    GIL hand-off made the loop wait: writing a 500-byte answer (which releases the GIL
+    for its system call) took 80 µs at p50 on the 2-core development machine instead
+    of a few, and the daemon topped out at about 2,300 rank/s at 32 connections against
+    about 3,000 with cached batches on the loop; and under a loop kept busy by the
+    feeds, the kernel thread waited up to the 5 ms switch interval for the GIL after
+    every step of a batch.
     """
 
     def __init__(
@@ -130,11 +133,17 @@ class _Batcher:
             maxsize=max_batch * 64
         )
         self._busy = False  # a batch is running on the kernel thread
+        self._idle = asyncio.Event()  # set while no request waits and no batch runs
+        self._idle.set()
 
     @property
     def busy(self) -> bool:
         """A batch is running on the kernel thread, or requests wait for one."""
         return self._busy or not self._queue.empty()
+
+    async def wait_idle(self) -> None:
+        """Return once no rank request waits for the batcher and no batch of it runs."""
+        await self._idle.wait()
 
     @property
     def depth(self) -> int:
@@ -144,6 +153,7 @@ class _Batcher:
     async def rank(self, request: Rank) -> RankedList:
         """Rank one request in the next batch."""
         future: asyncio.Future[RankedList] = asyncio.get_running_loop().create_future()
+        self._idle.clear()
         await self._queue.put((request, future))
         return await future
 
@@ -155,22 +165,24 @@ class _Batcher:
                 batch.append(self._queue.get_nowait())
             requests = [r for r, _ in batch]
             try:
-                if not self._ranking.needs_encode(requests):
-                    results = self._ranking.rank_batch(requests)
-                else:
+                job = self._ranking.encode_job(requests)
+                if job is not None:
                     self._busy = True
                     try:
-                        results = await loop.run_in_executor(
-                            self._executor, self._ranking.rank_batch, requests
-                        )
+                        await loop.run_in_executor(self._executor, job.run)
                     finally:
                         self._busy = False
+                    self._ranking.store(job)
+                results = self._ranking.rank_batch(requests, encoded=job)
             except Exception as error:  # noqa: BLE001 - a kernel failure fails this batch only
                 _log.exception("rank_batch_failed", size=len(batch))
                 for _, future in batch:
                     if not future.done():
                         future.set_exception(error)
                 continue
+            finally:
+                if self._queue.empty():
+                    self._idle.set()
             self._metrics.batch_size.observe(len(batch))
             for (_, future), result in zip(batch, results, strict=True):
                 if not future.done():
@@ -366,25 +378,41 @@ class Service:
         Re-encode the vectors of users with new events, off the request path.
 
         Jobs of at most `_REFRESH_CHUNK` users go to the kernel thread one at a time,
-        between rank batches; users touched again meanwhile are coalesced.
+        only while no rank waits for the batcher (a rank waits for one job at most),
+        and after each job the refresher rests so that its jobs take at most
+        ``[ranking].refresh_share`` of the time; users touched again meanwhile are
+        coalesced. Why the share: when events touch users faster than the kernels can
+        encode them (5,000 events/s over 10,000 users in the soak), a refresher that
+        never rests keeps a core busy re-encoding vectors that the users' next events
+        make stale before anyone ranks them, and the ranks that need an encode wait
+        behind it: p50 37 ms, p99 up to 256 ms at 1,000 rank/s on 2 cores (bench/soak).
         """
         assert self.ranking is not None
-        ranking, loop = self.ranking, asyncio.get_running_loop()
+        assert self.batcher is not None
+        ranking, batcher, loop = self.ranking, self.batcher, asyncio.get_running_loop()
+        rest = 1.0 / self.config.ranking.refresh_share - 1.0  # seconds resting per second busy
         self._loop = loop
         self._refresh_wake = wake = asyncio.Event()
         while True:
             await wake.wait()
             wake.clear()
             while True:
+                await batcher.wait_idle()
                 with self._touched_lock:
                     touched = self._touched
                     chunk = [touched.pop() for _ in range(min(_REFRESH_CHUNK, len(touched)))]
                 if not chunk:
                     break
+                started = time.perf_counter()
                 try:
-                    await loop.run_in_executor(self.kernel_thread, ranking.refresh, chunk)
+                    job = ranking.refresh_job(chunk)
+                    if job is not None:
+                        await loop.run_in_executor(self.kernel_thread, job.run)
+                        ranking.store(job, refreshed=True)
                 except Exception:  # noqa: BLE001 - a failed refresh leaves the encode to rank
                     _log.exception("vector_refresh_failed", users=len(chunk))
+                if rest > 0.0:
+                    await asyncio.sleep((time.perf_counter() - started) * rest)
 
     async def refresh_cold_start(self) -> None:
         """

@@ -40,6 +40,8 @@ def test_example_config_equals_the_defaults() -> None:
     ('[kafka]\nsecurity_protocol = "TLS"\n', "[kafka]: security_protocol must be PLAINTEXT"),
     ('[kafka]\ngroup_id = ""\n', "[kafka]: group_id must not be empty"),
     ("[online]\nlearning_rate = 0\n", "[online]: learning_rate must be > 0"),
+    ("[ranking]\nrefresh_share = 0\n", "[ranking]: refresh_share must be > 0 and <= 1"),
+    ("[ranking]\nrefresh_share = 1.5\n", "[ranking]: refresh_share must be > 0 and <= 1"),
     ("[online]\nenabled = 1.5\n", "[online].enabled: expected bool"),
     ('[plugins]\nprivacy = ["nope"]\n', ("[plugins].privacy: unknown plugin 'nope'; known "
                                           "(entry points rerankd.plugins): ")),
