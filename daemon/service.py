@@ -73,7 +73,7 @@ from daemon.protocol import (
     Stats,
     UserInfo,
 )
-from daemon.ranking import EncodeJob, RankedList, Ranking
+from daemon.ranking import RankedList, Ranking
 from daemon.server import Server, bind_unix_socket
 from daemon.systemd import inherited_socket, notify, watchdog_interval_s
 from eventstore import BackpressureError, EventDecoder, GroupCommitter, Store, StoreFullError
@@ -85,7 +85,6 @@ __all__ = ["TRAINED_MODEL", "Service", "ShutdownRequested", "run"]
 
 _log = structlog.get_logger("daemon.service")
 _IMPRESSION_FLUSH_S = 0.005
-_BATCHES_IN_FLIGHT = 2  # rank batches encoding or ranking at once (see _Batcher.run)
 _REFRESH_CHUNK = 8  # users re-encoded per refresher job: short jobs, so batches never wait long
 _COLD_START_TICK_S = 1.0  # how often the cold-start vectors are checked (and rebuilt if stale)
 _MAX_PENDING_IMPRESSIONS = 100_000
@@ -133,15 +132,14 @@ class _Batcher:
         self._queue: asyncio.Queue[tuple[Rank, asyncio.Future[RankedList]]] = asyncio.Queue(
             maxsize=max_batch * 64
         )
-        self._running = 0  # batches taken and not yet answered
-        self._finishing: set[asyncio.Task[None]] = set()  # their tasks, kept referenced
+        self._busy = False  # a batch is running on the kernel thread
         self._idle = asyncio.Event()  # set while no request waits and no batch runs
         self._idle.set()
 
     @property
     def busy(self) -> bool:
-        """A batch is being encoded or ranked, or requests wait for one."""
-        return self._running > 0 or not self._queue.empty()
+        """A batch is running on the kernel thread, or requests wait for one."""
+        return self._busy or not self._queue.empty()
 
     async def wait_idle(self) -> None:
         """Return once no rank request waits for the batcher and no batch of it runs."""
@@ -160,65 +158,35 @@ class _Batcher:
         return await future
 
     async def run(self) -> None:
-        """
-        Take batches and rank them, up to `_BATCHES_IN_FLIGHT` at once.
-
-        A batch's encode runs on the kernel thread while the loop ranks the batch
-        before it (whose encode is done) and takes the next: on 2 cores, with the loop
-        also serving the feeds, one batch at a time spent a cycle of encode (2-5 ms
-        there) plus ranking (1-3 ms) per batch, and a rank waited 1.5 cycles at p50.
-        Batches may finish out of order (answers carry their request's id).
-        """
         loop = asyncio.get_running_loop()
-        slots = asyncio.Semaphore(_BATCHES_IN_FLIGHT)
         while True:
-            first = await self._queue.get()
-            await slots.acquire()  # the batch grows while it waits
-            batch = [first]
+            batch = [await self._queue.get()]
             while len(batch) < self.max_batch and not self._queue.empty():
                 batch.append(self._queue.get_nowait())
-            self._running += 1
+            requests = [r for r, _ in batch]
             try:
-                job = self._ranking.encode_job([r for r, _ in batch])
-                encoding = None if job is None else loop.run_in_executor(self._executor, job.run)
-            except Exception as error:  # noqa: BLE001 - fails this batch only
-                self._done(batch, error, slots)
+                job = self._ranking.encode_job(requests)
+                if job is not None:
+                    self._busy = True
+                    try:
+                        await loop.run_in_executor(self._executor, job.run)
+                    finally:
+                        self._busy = False
+                    self._ranking.store(job)
+                results = self._ranking.rank_batch(requests, encoded=job)
+            except Exception as error:  # noqa: BLE001 - a kernel failure fails this batch only
+                _log.exception("rank_batch_failed", size=len(batch))
+                for _, future in batch:
+                    if not future.done():
+                        future.set_exception(error)
                 continue
-            task = loop.create_task(self._finish(batch, job, encoding, slots),
-                                    name="daemon[ranking].batch")  # fmt: skip
-            self._finishing.add(task)
-            task.add_done_callback(self._finishing.discard)
-
-    async def _finish(self, batch: list[tuple[Rank, asyncio.Future[RankedList]]],
-                      job: EncodeJob | None, encoding: asyncio.Future[None] | None,
-                      slots: asyncio.Semaphore) -> None:  # fmt: skip
-        """Wait for the batch's encode, store it, rank the batch and answer it."""
-        try:
-            if encoding is not None and job is not None:
-                await encoding
-                self._ranking.store(job)
-            results = self._ranking.rank_batch([r for r, _ in batch], encoded=job)
-        except Exception as error:  # noqa: BLE001 - a kernel failure fails this batch only
-            self._done(batch, error, slots)
-            return
-        self._metrics.batch_size.observe(len(batch))
-        self._done(batch, results, slots)
-
-    def _done(self, batch: list[tuple[Rank, asyncio.Future[RankedList]]],
-              outcome: list[RankedList] | Exception, slots: asyncio.Semaphore) -> None:  # fmt: skip
-        self._running -= 1
-        slots.release()
-        if self._running == 0 and self._queue.empty():
-            self._idle.set()
-        if isinstance(outcome, Exception):
-            _log.error("rank_batch_failed", size=len(batch), exc_info=outcome)
-            for _, future in batch:
+            finally:
+                if self._queue.empty():
+                    self._idle.set()
+            self._metrics.batch_size.observe(len(batch))
+            for (_, future), result in zip(batch, results, strict=True):
                 if not future.done():
-                    future.set_exception(outcome)
-            return
-        for (_, future), result in zip(batch, outcome, strict=True):
-            if not future.done():
-                future.set_result(result)
+                    future.set_result(result)
 
 
 class Service:

@@ -53,7 +53,7 @@ class _Encoder:
     def encode_job(self, requests: list[Rank]) -> None:
         del requests
 
-    def rank_batch(self, requests: list[Rank], *, encoded: None) -> list[None]:  # noqa: PLR6301
+    def rank_batch(self, requests: list[Rank], *, encoded: None) -> list[None]:
         assert encoded is None
         return [None] * len(requests)
 
