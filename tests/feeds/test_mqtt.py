@@ -17,12 +17,14 @@ from typing import Any
 import aiomqtt
 import pytest
 from brokers import MqttBroker, unique_name
+from paho.mqtt import client as paho_client
+from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from daemon.config import MqttSection
 from daemon.feeds import FeedSink
-from daemon.feeds.mqtt import BrokerAddress, MqttFeed, parse_url, publish
+from daemon.feeds.mqtt import BrokerAddress, MqttFeed, parse_url, publish, read_in_bursts
 from daemon.metrics import Metrics
 from eventstore import EventDecoder, GroupCommitter, Store, StoreFullError
 
@@ -380,3 +382,30 @@ def test_bad_settings_stop_the_feed_at_construction(tmp_path: Path, sink: FeedSi
     (tmp_path / "ca.pem").write_text("not a certificate")
     with pytest.raises(ValueError, match=r"\[mqtt\]\.ca_file: cannot load"):
         MqttFeed(MqttSection(url="mqtts://broker", ca_file=str(tmp_path / "ca.pem")), sink)
+
+
+async def test_one_read_takes_every_message_waiting(mqtt_broker: MqttBroker) -> None:
+    """
+    paho reads one packet per ``loop_read()`` (aiomqtt calls it once per readable event
+    of the socket); with `read_in_bursts` one call takes every message already there.
+    """
+    topic, waiting = unique_name("burst"), 20
+    got: list[bytes] = []
+    sub = paho_client.Client(CallbackAPIVersion.VERSION2, client_id=unique_name("sub"),
+                             protocol=paho_client.MQTTv5)  # fmt: skip
+    sub.on_message = lambda _c, _u, message: got.append(message.payload)
+    sub.connect(mqtt_broker.host, mqtt_broker.port)
+    try:
+        sub.subscribe(topic, qos=1)
+        for _ in range(20):  # CONNACK, SUBACK
+            sub.loop(timeout=0.05)
+        url = f"mqtt://{mqtt_broker.host}:{mqtt_broker.port}"
+        await publish(url, topic, [b"m%d" % k for k in range(waiting)])
+        await asyncio.sleep(0.5)  # all of them in the subscriber's socket buffer
+        sub.loop_read()
+        assert [b"m0"] == got  # paho alone: one packet
+        read_in_bursts(sub)
+        sub.loop_read()
+        assert [b"m%d" % k for k in range(waiting)] == got
+    finally:
+        sub.disconnect()
