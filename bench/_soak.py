@@ -33,6 +33,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "bench"), str(ROOT / "tests")]
 from _soakload import KAFKA_PARTITIONS, KAFKA_TOPIC, Load, worker  # noqa: E402
 from bench_daemon import (  # noqa: E402
     Conn,
+    git_commit,
     judge,
     make_model,
     out_dir,
@@ -562,6 +563,7 @@ def _stop(daemon: subprocess.Popen[bytes]) -> None:
 def main(doc: str, argv: list[str] | None = None) -> int:
     """``bench/soak``: run, judge, write ``soak.json`` and ``soak.png``; 0 once written."""
     args = parse_args(doc, argv)
+    commit = git_commit()  # the code the daemon will run, whatever is committed meanwhile
     os.environ["RERANKD_BENCH_OUT"] = str(args.out)  # write_results' out_dir()
     # Mosquitto saves its state every N changes (the tests' brokers: every change)
     os.environ.setdefault("RERANKD_MQTT_AUTOSAVE_CHANGES", "1000000")
@@ -583,7 +585,7 @@ def main(doc: str, argv: list[str] | None = None) -> int:
                                **summary(results)}
     results["targets"] = verdicts(results)
     print(f"after warm-up: {results['after_warmup']}")
-    write_results(results, "soak", quick=args.minutes < 30)
+    write_results(results, "soak", quick=args.minutes < 30, commit=commit)
     plot(results, args.out / "soak.png")
     print(f"wrote {args.out / 'soak.png'}")
     return 0

@@ -328,15 +328,25 @@ def out_dir() -> Path:
     return Path(os.environ.get("RERANKD_BENCH_OUT") or ROOT / "bench" / "out")
 
 
-def write_results(results: dict[str, Any], name: str, *, quick: bool, smoke: bool = False
-                  ) -> None:  # fmt: skip
-    """Add the machine, print the verdicts, write ``<out_dir()>/<name>.json``."""
+def git_commit() -> str:
+    """The checkout's HEAD ("" outside a checkout)."""
+    return subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT,  # noqa: S607
+                          capture_output=True, text=True, check=False).stdout.strip()
+
+
+def write_results(results: dict[str, Any], name: str, *, quick: bool, smoke: bool = False,
+                  commit: str | None = None) -> None:  # fmt: skip
+    """
+    Add the machine, print the verdicts, write ``<out_dir()>/<name>.json``.
+
+    ``commit``: the one the measured code came from, taken when the run started (a long
+    run outlives commits made meanwhile); by default HEAD now.
+    """
     results["machine"] = {
         "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
         "python": platform.python_version(), "quick": quick, "smoke": smoke,
-        "git_commit": subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT,  # noqa: S607
-                                     capture_output=True, text=True, check=False).stdout.strip(),
+        "git_commit": git_commit() if commit is None else commit,
     }  # fmt: skip
     for t in results["targets"]:
         print(f"{t['verdict']:>6}  {t['target']}: {t['measured']}")
