@@ -1,5 +1,5 @@
 """
-The ranking path: from (user, candidate ids) to an order, on the kernel thread.
+The ranking path: from (user, candidate ids) to an order; vectors encode off the loop.
 
 `Ranking.rank_batch` serves a micro-batch of requests with one encode call (only for
 users whose events changed since their vector was cached) and one score call. It
@@ -237,7 +237,7 @@ class Ranking:
         """
         Cache the vectors of a job that has run; returns how many were stored.
 
-        None when the model was swapped or the state rebuilt meanwhile (they would be
+        Nothing (0) when the model was swapped or the state rebuilt meanwhile (they would be
         the old model's, or of renumbered rows). A vector whose user had new events
         meanwhile is stored for the version it was encoded for: the next rank of that
         user encodes again.

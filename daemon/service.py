@@ -132,13 +132,13 @@ class _Batcher:
         self._queue: asyncio.Queue[tuple[Rank, asyncio.Future[RankedList]]] = asyncio.Queue(
             maxsize=max_batch * 64
         )
-        self._busy = False  # a batch is running on the kernel thread
+        self._busy = False  # a batch's encode is running on the kernel thread
         self._idle = asyncio.Event()  # set while no request waits and no batch runs
         self._idle.set()
 
     @property
     def busy(self) -> bool:
-        """A batch is running on the kernel thread, or requests wait for one."""
+        """A batch is encoding on the kernel thread, or requests wait for one."""
         return self._busy or not self._queue.empty()
 
     async def wait_idle(self) -> None:
