@@ -14,7 +14,15 @@ its fixed cost), and the fused scores plus a compiled top-k call about 60 — ab
 ids are read straight from the request's bytes (msgspec hands them over as
 ``msgspec.Raw``), looked up in an open-addressing hash table over their UTF-8 bytes,
 and features, scores and the top k come out of one pass per request, in a few
-microseconds, without the GIL.
+microseconds.
+
+They keep the GIL (no ``nogil``): they run on the event loop's thread and last
+microseconds, and a thread that lets the GIL go must queue to take it back behind the
+writer and kernel threads. With a thread that kept asking for the GIL, 20 calls of a
+short loop took 88 µs at the median with ``nogil`` against 43 µs without
+(a micro-benchmark, in the commit message); in the 3-minute soak
+(``bench/soak``, 1,000 rank/s and 5,000 events/s on 2 cores) a rank batch took 4.8 ms
+on average instead of 6.2.
 
 No library maps byte strings to indices without making Python objects first (a dict
 needs ``str`` keys; pandas' hash tables take object arrays), so the table is written
@@ -57,7 +65,7 @@ _FASTMATH = {"reassoc", "contract", "arcp", "nsz"}
 # ------------------------------------------------------------------ parsing
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True)
 def _skip_ws(buf, i):  # noqa: ANN001, ANN202
     n = buf.shape[0]
     while i < n and (buf[i] == 32 or buf[i] == 9 or buf[i] == 10 or buf[i] == 13):
@@ -65,7 +73,7 @@ def _skip_ws(buf, i):  # noqa: ANN001, ANN202
     return i
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True)
 def parse_string_array(buf, starts, ends) -> int:  # noqa: ANN001, C901, PLR0911
     """
     Offsets of the strings of the JSON array in ``buf`` (uint8), between the quotes.
@@ -114,7 +122,7 @@ def parse_string_array(buf, starts, ends) -> int:  # noqa: ANN001, C901, PLR0911
 # -------------------------------------------------------------- hash table
 
 
-@njit(cache=True, nogil=True, inline="always")
+@njit(cache=True, inline="always")
 def _fnv1a(buf, start, end):  # noqa: ANN001, ANN202
     h = _FNV_OFFSET
     for i in range(start, end):
@@ -122,7 +130,7 @@ def _fnv1a(buf, start, end):  # noqa: ANN001, ANN202
     return h
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True)
 def _find(table, ent_hash, ent_start, ent_len, arena, buf, start, end, h):  # noqa: ANN001, ANN202, PLR0917
     """(slot, entry): the entry holding the key, or -1 and the empty slot where it would go."""
     mask = table.shape[0] - 1
@@ -144,7 +152,7 @@ def _find(table, ent_hash, ent_start, ent_len, arena, buf, start, end, h):  # no
         slot = (slot + 1) & mask
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True)
 def catalog_insert(  # noqa: PLR0917
     table, ent_hash, ent_start, ent_len, ent_row, ent_model, arena, counts,  # noqa: ANN001
     buf, starts, ends, rows, models, out_model,  # noqa: ANN001
@@ -177,7 +185,7 @@ def catalog_insert(  # noqa: PLR0917
         out_model[i] = ent_model[e]
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True)
 def catalog_rehash(table, ent_hash, n_entries) -> None:  # noqa: ANN001
     """Place entries ``0 .. n_entries - 1`` into the empty ``table`` by their hashes."""
     mask = table.shape[0] - 1
@@ -188,7 +196,7 @@ def catalog_rehash(table, ent_hash, n_entries) -> None:  # noqa: ANN001
         table[slot] = e + 1
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True)
 def catalog_lookup(  # noqa: PLR0917
     table, ent_hash, ent_start, ent_len, ent_row, ent_model, arena,  # noqa: ANN001
     buf, starts, ends, out_rows, out_models,  # noqa: ANN001
@@ -204,7 +212,7 @@ def catalog_lookup(  # noqa: PLR0917
             out_rows[i], out_models[i] = ent_row[e], ent_model[e]
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True)
 def apply_cold_rows(rows, models, cold_of_row) -> None:  # noqa: ANN001
     """
     ``models[t] = cold_of_row[rows[t]]`` where ``models[t]`` is 0 and the row has one.
@@ -224,7 +232,7 @@ def apply_cold_rows(rows, models, cold_of_row) -> None:  # noqa: ANN001
 # ------------------------------------------------------- features and scores
 
 
-@njit(cache=True, nogil=True, fastmath=_FASTMATH)
+@njit(cache=True, fastmath=_FASTMATH)
 def _features_one(  # noqa: ANN202, PLR0917
     rows, t0, t1, user, pop, pop_ts, created, category, cat_idx, cat_w, cat_ts,  # noqa: ANN001
     n_slots, now, half_life, out,  # noqa: ANN001
@@ -254,7 +262,7 @@ def _features_one(  # noqa: ANN202, PLR0917
             out[t, 2] = 2.0 ** (-max(now - created[r], 0.0) / half_life)
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True)
 def features_batch(  # noqa: PLR0917
     rows, offsets, users, pop, pop_ts, created, category, cat_idx, cat_w, cat_ts,  # noqa: ANN001
     n_slots, now, half_life, out,  # noqa: ANN001
@@ -265,7 +273,7 @@ def features_batch(  # noqa: PLR0917
                       category, cat_idx, cat_w, cat_ts, n_slots, now, half_life, out)  # fmt: skip
 
 
-@njit(cache=True, nogil=True, fastmath=_FASTMATH)
+@njit(cache=True, fastmath=_FASTMATH)
 def rank_batch_fused(  # noqa: C901, PLR0917
     table, vectors, has_vector, models, offsets, ks, features, weights,  # noqa: ANN001
     scores, order, counts,  # noqa: ANN001

@@ -25,7 +25,7 @@ live log, whose newest event is milliseconds old, ranks by the wall clock.
 
 How. Candidate ids are looked up as bytes in a `daemon.candidates.Catalog`, and the
 features, fused scores and top k of a whole batch come from compiled loops
-(`daemon._rankloops`) that run without the GIL. On an accelerator the scores and top
+(`daemon._rankloops`), on the event loop's thread. On an accelerator the scores and top
 k come from the compiled JAX kernel instead (`kernels.runtime.Ranker.score`); user
 vectors always do (`Ranker.encode`).
 

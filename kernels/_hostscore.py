@@ -14,7 +14,10 @@ against about 3 for one row of 500; numpy's ``take`` + ``matmul`` writes and re-
 the whole gathered block, and into a fresh array each call also pays an mmap and page
 faults. Even the feature fusion is cheaper here than as a separate XLA fusion
 (about 20 microseconds of a 500-candidate call). numba is already a dependency (the
-event store's fold); the compiled loop is cached on disk and runs without the GIL.
+event store's fold); the compiled loop is cached on disk. It keeps the GIL: the daemon
+calls it on the event loop's thread for a fraction of a millisecond, and releasing the
+GIL there only makes the loop queue behind the writer and kernel threads to get it
+back (see `daemon._rankloops`).
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ OK, BAD_INDEX, BAD_USER, BAD_FEATURE = 0, 1, 2, 3
 _FASTMATH = {"reassoc", "contract", "arcp", "nsz"}
 
 
-@njit(cache=True, nogil=True, fastmath=_FASTMATH)
+@njit(cache=True, fastmath=_FASTMATH)
 def _fused_scores(table, users, idx, where, features, weights, out):  # noqa: ANN001, ANN202, PLR0917
     rows, cols = idx.shape
     dim = table.shape[1]
