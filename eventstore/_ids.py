@@ -16,8 +16,8 @@ secondary index, and this index answers "is this id logged?" from memory:
   from the log and compares the strings, so a hash collision can never make a new
   event look like a duplicate.
 
-It costs 16 bytes an event (plus the dict between merges) and is rebuilt from the
-log when the log is opened for writing (about 1 s per million events here), because
+It costs 16 bytes an event (plus the dict between merges), forgets the events
+retention deletes (`IdIndex.forget_below`), and is rebuilt from the log when the log is opened for writing (about 1 s per million events here), because
 ``hash(str)`` is randomised per process.
 """
 
@@ -119,6 +119,24 @@ class IdIndex:
         self._recent = {}
         self._overflow = []
         self._pending = []
+
+    def forget_below(self, offset: int) -> int:
+        """
+        Drop the entries of offsets below ``offset`` (their events were deleted).
+
+        Retention calls it, so that the index of a log that deletes old events stays
+        as small as the log instead of growing by 16 bytes an event forever. Merges
+        the dict level first (the arrays are copied once either way). Returns how
+        many entries were dropped.
+        """
+        if self._pending:
+            self._merge()
+        keep = self._offsets >= offset
+        dropped = len(keep) - int(np.count_nonzero(keep))
+        if dropped:
+            self._keys = self._keys[keep]  # boolean indexing copies: the old arrays go
+            self._offsets = self._offsets[keep]
+        return dropped
 
     def logged(self, ids: Sequence[str]) -> set[int]:
         """Positions ``k`` of ``ids`` whose id is already in the log (verified)."""

@@ -555,9 +555,23 @@ class EventLog:
                                        (str(mark),))
             if n:
                 self._truncate_wal()
+                self._forget_deleted_ids()
         except sqlite3.Error as e:
             raise self._translate(e) from e
         return n
+
+    def _forget_deleted_ids(self) -> None:
+        """
+        Shrink the id index after a deletion: every offset below the oldest kept event
+        is gone (with ``ingested_before``, a kept older event keeps its entry, and an
+        entry of a deleted event above it stays until a later sweep: a stale entry is
+        harmless, since a hit is verified against the stored ids).
+        """
+        if self._ids is None:
+            return
+        row = self._conn.execute("SELECT MIN(log_offset) FROM events").fetchone()
+        oldest = self._next if row is None or row[0] is None else int(row[0])
+        self._ids.forget_below(oldest)
 
     def has_ingested_before(self, ingested_before: float, *, after: int, upto: int) -> bool:
         """Whether an event with an offset in ``(after, upto]`` was appended before that time."""
@@ -617,6 +631,11 @@ class EventLog:
                 self._conn.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, value))
         except sqlite3.Error as e:
             raise self._translate(e) from e
+
+    @property
+    def indexed_ids(self) -> int:
+        """Entries of the in-memory id index (0 until the first append builds it)."""
+        return 0 if self._ids is None else len(self._ids)
 
     @property
     def is_complete(self) -> bool:

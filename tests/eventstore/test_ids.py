@@ -46,6 +46,23 @@ def test_deleted_rows_are_not_reported() -> None:
     assert {1} == index.logged(["gone", "kept"])
 
 
+@pytest.mark.parametrize("merge_every", [1, 3, 1 << 16])
+def test_forget_below_drops_exactly_the_older_entries(merge_every: int) -> None:
+    """Entries below the offset go, from the arrays and the dict level alike."""
+    stored = {k: f"id-{k}" for k in range(1, 11)}
+    index = make_index(stored, merge_every=merge_every)
+    index.add([(v, k) for k, v in stored.items()])
+
+    dropped = index.forget_below(6)
+    for k in range(1, 6):
+        del stored[k]
+
+    assert (5, 5) == (dropped, len(index))
+    assert {5, 6, 7, 8, 9} == index.logged([f"id-{k}" for k in range(1, 11)])
+    index.add([("id-11", 11)])
+    assert (0, 6) == (index.forget_below(6), len(index))
+
+
 @settings(max_examples=60, deadline=None)
 @given(batches=st.lists(st.lists(st.text(max_size=3), max_size=12), max_size=12),
        merge_every=st.integers(1, 8), colliding=st.booleans())

@@ -224,6 +224,23 @@ def test_delete_before_without_an_ingest_time_deletes_every_event_below(
     assert (20, ids_of("c"), 21) == (n, filled.log.ids(), filled.log.truncated_before)
 
 
+def test_deleting_old_events_shrinks_the_id_index_and_keeps_duplicates_of_the_rest(
+    filled: Store, make_event: MakeEvent,
+) -> None:
+    """
+    The index forgets the deleted events, so a log with retention holds it at the
+    log's size; the kept events' ids are still refused, a deleted one is new again.
+    """
+    before = filled.log.indexed_ids
+    filled.log.delete_before(21)
+    after = filled.log.indexed_ids
+    again = filled.append(batch(make_event, "c", 20, n=2) + batch(make_event, "a", 1, n=1))
+
+    assert (30, 10) == (before, after)
+    assert ["duplicate", "duplicate", "accepted"] == again.status
+    assert 11 == filled.log.indexed_ids
+
+
 # --- the state survives ----------------------------------------------------------------
 
 
