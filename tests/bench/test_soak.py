@@ -99,3 +99,18 @@ def test_writes_the_plot(soak: tuple[Path, dict[str, Any]]) -> None:
     png = (out / "soak.png").read_bytes()
     assert b"\x89PNG\r\n\x1a\n" == png[:8]
     assert len(png) > 10_000
+
+
+def test_p99_steady_compares_the_thirds_not_two_samples() -> None:
+    """One wild minute at either end does not decide "steady"; a drift upwards does."""
+    from bench._soak import _p99_ends  # noqa: PLC0415 - bench/ is not a package on the path
+
+    def samples(p99: list[float]) -> list[dict[str, Any]]:
+        return [{"rank_p99_ms": v} for v in p99]
+
+    noisy = samples([100, 300, 100, 120, 90, 350, 110, 100, 400])
+    drifting = samples([100, 110, 105, 150, 160, 170, 200, 210, 220])
+
+    assert (100.0, 110.0) == _p99_ends(noisy)
+    assert (105.0, 210.0) == _p99_ends(drifting)
+    assert (5.0, 7.0) == _p99_ends(samples([5, 7]))
