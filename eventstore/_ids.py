@@ -17,8 +17,9 @@ secondary index, and this index answers "is this id logged?" from memory:
   event look like a duplicate.
 
 It costs 16 bytes an event (plus the dict between merges), forgets the events
-retention deletes (`IdIndex.forget_below`), and is rebuilt from the log when the log is opened for writing (about 1 s per million events here), because
-``hash(str)`` is randomised per process.
+retention deletes (`IdIndex.forget_below`), and is rebuilt from the log when the log
+is opened for writing (about 1 s per million events here), because ``hash(str)`` is
+randomised per process.
 """
 
 from __future__ import annotations

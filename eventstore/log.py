@@ -562,10 +562,12 @@ class EventLog:
 
     def _forget_deleted_ids(self) -> None:
         """
-        Shrink the id index after a deletion: every offset below the oldest kept event
-        is gone (with ``ingested_before``, a kept older event keeps its entry, and an
-        entry of a deleted event above it stays until a later sweep: a stale entry is
-        harmless, since a hit is verified against the stored ids).
+        Shrink the id index after a deletion.
+
+        Every offset below the oldest kept event is gone. With ``ingested_before``, a
+        kept older event keeps its entry, and an entry of a deleted event above it
+        stays until a later sweep: a stale entry is harmless, since a hit is verified
+        against the stored ids.
         """
         if self._ids is None:
             return
