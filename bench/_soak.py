@@ -15,6 +15,7 @@ import math
 import multiprocessing as mp
 import os
 import queue
+import signal
 import sqlite3
 import subprocess
 import sys
@@ -573,9 +574,16 @@ def _stop(daemon: subprocess.Popen[bytes]) -> None:
         daemon.wait(timeout=120)
 
 
+def _exit_on_sigterm(signum: int, _frame: object) -> None:
+    raise SystemExit(128 + signum)
+
+
 def main(doc: str, argv: list[str] | None = None) -> int:
     """``bench/soak``: run, judge, write ``soak.json`` and ``soak.png``; 0 once written."""
     args = parse_args(doc, argv)
+    # SIGTERM ends the run like Ctrl-C: the brokers and the daemon are stopped on the way
+    # out (Python's default for SIGTERM exits at once and left them running)
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     commit = git_commit()  # the code the daemon will run, whatever is committed meanwhile
     os.environ["RERANKD_BENCH_OUT"] = str(args.out)  # write_results' out_dir()
     # Mosquitto saves its state every N changes (the tests' brokers: every change)

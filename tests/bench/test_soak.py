@@ -9,6 +9,7 @@ import json
 import math
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -114,3 +115,33 @@ def test_p99_steady_compares_the_thirds_not_two_samples() -> None:
     assert (100.0, 110.0) == _p99_ends(noisy)
     assert (105.0, 210.0) == _p99_ends(drifting)
     assert (5.0, 7.0) == _p99_ends(samples([5, 7]))
+
+
+def test_a_generator_dies_with_its_parent() -> None:
+    """A killed soak leaves no generator running (they once kept loading the machine)."""
+    child = ("import sys, time; sys.path[:0] = [sys.argv[1], sys.argv[2]]; "
+             "from _soakload import die_with_parent; die_with_parent(); "
+             "print('ready', flush=True); time.sleep(60)")  # fmt: skip
+    parent_code = ("import subprocess, sys; "
+                   f"p = subprocess.Popen([sys.executable, '-c', {child!r}, *sys.argv[1:]]); "
+                   "print(p.pid, flush=True); p.wait()")  # fmt: skip
+    parent = subprocess.Popen([sys.executable, "-c", parent_code, str(ROOT / "bench"), str(ROOT)],
+                              stdout=subprocess.PIPE, text=True)  # fmt: skip
+    assert parent.stdout is not None
+    pid = int(parent.stdout.readline())
+    assert "ready" == parent.stdout.readline().strip()
+    parent.kill()
+    parent.wait()
+    deadline = time.monotonic() + 10
+    while _running(pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not _running(pid)
+
+
+def _running(pid: int) -> bool:
+    """Alive and not a zombie (an orphan's reaper may be slow to collect it)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return False
+    return state not in {"Z", "X"}
