@@ -88,7 +88,7 @@ class FaultProxy:
         self.host = "127.0.0.1"
         self.port = port
         self.accepted = 0  # connections accepted since the start
-        self.bytes_forwarded = 0  # both directions
+        self.bytes_forwarded = 0  # handed on to the other side, both directions
         self._latency_s = 0.0
         self._flowing: asyncio.Event | None = None  # set: not black-holed
         self._pipes: set[_Pipe] = set()
@@ -279,9 +279,11 @@ class FaultProxy:
                     raise data
                 if not data:
                     break
+                # counted as it is handed on: a peer that has every byte then sees the full
+                # count (counted after the drain, the last chunk could still be missing)
+                self.bytes_forwarded += len(data)
                 writer.write(data)
                 await writer.drain()
-                self.bytes_forwarded += len(data)
         finally:
             reading.cancel()
             with contextlib.suppress(asyncio.CancelledError):
