@@ -15,6 +15,7 @@ import math
 import multiprocessing as mp
 import os
 import queue
+import shutil
 import signal
 import sqlite3
 import subprocess
@@ -559,13 +560,21 @@ def _run(tmp: Path, args: argparse.Namespace) -> dict[str, Any]:
         except BaseException:
             print((tmp / "daemon.log").read_text()[-3000:], file=sys.stderr)
             raise
-        _stop(daemon)
+        finally:
+            _stop(daemon)
+            _keep_log(tmp / "daemon.log", args.out)
         return {"samples": soak.samples, "published": soak.published,
                 "logged": count_logged(tmp / "data" / "events.db"), "drain_s": extra["drain_s"],
                 "tail_ranks": soak.tail_ranks,
                 "kafka_rate": load.kafka_rate, "mqtt_rate": load.mqtt_rate,
                 "latencies": np.concatenate(soak.latencies or [np.zeros(0)]),
                 "final_stats": extra["final_stats"]}  # fmt: skip
+
+
+def _keep_log(log: Path, out: Path) -> None:
+    """The daemon's log (warnings and up) as ``out/soak-daemon.log``: what a stall left."""
+    out.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(log, out / "soak-daemon.log")
 
 
 def _stop(daemon: subprocess.Popen[bytes]) -> None:

@@ -102,6 +102,12 @@ def test_writes_the_plot(soak: tuple[Path, dict[str, Any]]) -> None:
     assert len(png) > 10_000
 
 
+def test_keeps_the_daemons_log(soak: tuple[Path, dict[str, Any]]) -> None:
+    """The daemon's log outlives the run's temporary directory (a stall's only witness)."""
+    out, _ = soak
+    assert (out / "soak-daemon.log").is_file()
+
+
 def test_p99_steady_compares_the_thirds_not_two_samples() -> None:
     """One wild minute at either end does not decide "steady"; a drift upwards does."""
     from bench._soak import _p99_ends  # noqa: PLC0415 - bench/ is not a package on the path
