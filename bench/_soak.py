@@ -25,7 +25,8 @@ import time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from types import MappingProxyType
+from typing import Any, Final
 
 import numpy as np
 
@@ -119,6 +120,7 @@ class Soak:
         self.published = {"kafka": 0, "mqtt": 0}
         self.failed = {"kafka": 0, "mqtt": 0}
         self.tail_ranks = 0  # answers after the last period
+        self.tail = LogTail(data_dir / "events.db")  # what the log holds, read as it grows
         self._reports: Any = None
         self._got: dict[tuple[str, str, int], Any] = {}
 
@@ -158,6 +160,7 @@ class Soak:
         for k in range(1, load.periods + 1):
             await asyncio.sleep(max(0.0, t0 + k * load.sample_s - time.monotonic()))
             now = await self._read(conn)
+            await asyncio.to_thread(self.tail.read)
             rank = await self._report("period", "rank", k)
             ingest = await self._report("period", "ingest", k)
             self._add_sample(k, before, now, rank, ingest)
@@ -208,6 +211,7 @@ class Soak:
             **_split(errors), "log_bytes": now.log_bytes,
             # beyond the contract
             "log_offset": s1["events"]["log_offset"],
+            "indexed_ids": s1["events"]["indexed_ids"],
             "published": {feed: ingest["acked"].get(feed, 0) - self.published[feed]
                           for feed in self.published},
             "errors": dict(errors), "cpu_pct": _cpu(before, now),
@@ -349,15 +353,76 @@ def _print_sample(s: dict[str, Any], period: float) -> None:
 # ------------------------------------------------------------ log, verdicts, plot
 
 
-def count_logged(log: Path) -> dict[str, int]:
-    """Events in the stopped daemon's log by id prefix: K (Kafka), M (MQTT), other."""
-    conn = sqlite3.connect(f"file:{log}?mode=ro", uri=True)
-    try:
-        rows = conn.execute("SELECT substr(id, 1, 1), count(*) FROM events GROUP BY 1")
-        counts = dict(rows.fetchall())
-    finally:
-        conn.close()
-    return {"kafka": counts.pop("K", 0), "mqtt": counts.pop("M", 0), "other": sum(counts.values())}
+class LogTail:
+    """
+    Reads the daemon's log as it grows and marks each stream event it finds, so the end
+    of the run can say that every published event was logged exactly once even when
+    retention deleted rows meanwhile.
+
+    The generators number their events per feed (ids ``K<n>`` and ``M<n>``); a row
+    marks ``n`` in its feed's counts. Offsets are consecutive (eventstore.log), so a
+    gap between two reads means rows went before this read them (retention faster than
+    the sampling): counted as ``unread``, which fails the verdict, since nothing can be
+    said of those events. Reads go through a read-only connection of its own, in
+    chunks, each its own short read transaction (WAL: the writer is not blocked).
+    """
+
+    _PREFIX: Final = MappingProxyType({"K": "kafka", "M": "mqtt"})
+    _CHUNK: Final = 50_000
+    _SQL: Final = ("SELECT log_offset, id FROM events WHERE log_offset > ? "
+                   "ORDER BY log_offset LIMIT ?")  # fmt: skip
+
+    def __init__(self, log: Path) -> None:
+        self.log = log
+        self.after = 0  # the last offset read
+        self.counts = {feed: np.zeros(0, dtype=np.uint8) for feed in self._PREFIX.values()}
+        self.other = 0  # rows that are not the generators' (the daemon's impressions)
+        self.unread = 0  # offsets deleted before they were read
+
+    def read(self) -> int:
+        """Read the rows appended since the last read; how many."""
+        conn = sqlite3.connect(f"file:{self.log}?mode=ro", uri=True)
+        read = 0
+        try:
+            while rows := conn.execute(self._SQL, (self.after, self._CHUNK)).fetchall():
+                self.unread += rows[-1][0] - self.after - len(rows)  # offsets skipped
+                self.after = rows[-1][0]
+                self._mark([row[1] for row in rows])
+                read += len(rows)
+        finally:
+            conn.close()
+        return read
+
+    def _mark(self, ids: list[str]) -> None:
+        by_feed: dict[str, list[int]] = {feed: [] for feed in self.counts}
+        for event_id in ids:
+            feed = self._PREFIX.get(event_id[:1])
+            if feed is None or not event_id[1:].isdigit():
+                self.other += 1
+            else:
+                by_feed[feed].append(int(event_id[1:]))
+        for feed, numbers in by_feed.items():
+            if not numbers:
+                continue
+            n = np.array(numbers, dtype=np.int64)
+            counts = self.counts[feed]
+            if n.max() >= len(counts):
+                grown = np.zeros(max(int(n.max()) + 1, 2 * len(counts)), dtype=np.uint8)
+                grown[: len(counts)] = counts
+                counts = self.counts[feed] = grown
+            np.add.at(counts, n, 1)
+
+    def verdict(self, published: dict[str, int]) -> dict[str, int]:
+        """Against what the brokers acknowledged (events ``0 .. published[feed] - 1``)."""
+        out = {"other": self.other, "unread": self.unread, "missing": 0, "duplicates": 0,
+               "unpublished": 0}  # fmt: skip
+        for feed, counts in self.counts.items():
+            sent = counts[: published[feed]]
+            out[feed] = int(np.count_nonzero(sent))
+            out["missing"] += published[feed] - out[feed]
+            out["duplicates"] += int(np.maximum(sent.astype(np.int64) - 1, 0).sum())
+            out["unpublished"] += int(np.count_nonzero(counts[published[feed]:]))
+        return out
 
 
 def _spread(values: list[float]) -> tuple[float, str]:
@@ -375,9 +440,9 @@ def verdicts(r: dict[str, Any]) -> list[dict[str, str]]:
     growth = r["after_warmup"]
     rss_text += (f"; slope {growth['rss_mb_per_min']:g} MB/min, the log's id index "
                  f"{growth['id_index_mb_per_min']:g} MB/min of it")  # fmt: skip
-    # the same less the growth of the log's id index (16 bytes an event, eventstore._ids)
-    base = post[0]["log_offset"]
-    less_index, less_text = _spread([s["rss_mb"] - 16 * (s["log_offset"] - base) / 2**20
+    # the same less the growth of the log's id index (16 bytes an id, eventstore._ids)
+    base = post[0]["indexed_ids"]
+    less_index, less_text = _spread([s["rss_mb"] - 16 * (s["indexed_ids"] - base) / 2**20
                                      for s in post])  # fmt: skip
     fds, fds_text = _spread([s["fds"] for s in post])
     first, last = _p99_ends(post)
@@ -390,7 +455,8 @@ def verdicts(r: dict[str, Any]) -> list[dict[str, str]]:
     errors: Counter[str] = Counter()
     for s in r["samples"]:
         errors.update(s["errors"])
-    missing = sum(max(0, r["published"][f] - r["logged"][f]) for f in ("kafka", "mqtt"))
+    logged = r["logged"]
+    wrong = sum(logged[k] for k in ("missing", "duplicates", "unread", "unpublished"))
     rows = [
         ("RSS flat within 5% after warm-up", rss, 5.0, "le", rss_text),
         ("RSS less the id index (16 B an event) flat within 5%", less_index, 5.0, "le",
@@ -407,8 +473,11 @@ def verdicts(r: dict[str, Any]) -> list[dict[str, str]]:
          f"{event_rate:,.1f}/s ({event_dev:.2f}% off)"),
         ("zero errors", sum(errors.values()), 0.0, "le",
          ", ".join(f"{k}: {n}" for k, n in sorted(errors.items()) if n) or "0"),
-        ("every published event durable at the end", missing, 0.0, "le",
-         (f"{missing} missing; published {r['published']}, in the log {r['logged']}, "
+        ("every published event logged exactly once", wrong, 0.0, "le",
+         (f"published {r['published']}; logged {logged['kafka']:,} and {logged['mqtt']:,}; "
+          f"{logged['missing']} missing, {logged['duplicates']} twice or more, "
+          f"{logged['unread']} deleted unread, {logged['unpublished']} not acknowledged, "
+          f"(and {logged['other']:,} rows of the daemon's impressions); "
           f"drained in {r['drain_s']} s")),
     ]  # fmt: skip
     judged = judge([row[:4] for row in rows])
@@ -439,10 +508,11 @@ def summary(r: dict[str, Any]) -> dict[str, Any]:
     minutes = [s["t_s"] / 60 for s in post]
     slope = float(np.polyfit(minutes, [s["rss_mb"] for s in post], 1)[0])
     events = (post[-1]["log_offset"] - post[0]["log_offset"]) / (minutes[-1] - minutes[0])
+    ids = float(np.polyfit(minutes, [s["indexed_ids"] for s in post], 1)[0])
     cpu = {name: round(float(np.mean([s["cpu_pct"][name] for s in post])), 1)
            for name in post[0]["cpu_pct"]}  # fmt: skip
     return {"rss_mb_per_min": round(slope, 3),
-            "id_index_mb_per_min": round(16 * events / 2**20, 3),
+            "id_index_mb_per_min": round(16 * ids / 2**20, 3),
             "log_events_per_min": round(events, 1), "mean_cpu_pct": cpu}  # fmt: skip
 
 
@@ -499,7 +569,13 @@ def parse_args(doc: str, argv: list[str] | None) -> argparse.Namespace:
         help="part of the events sent through Kafka, the rest through MQTT (default 0.8)")
     add("--sample-s", type=float, default=60.0, help="seconds per sample (default 60)")
     add("--warmup-minutes", type=float, default=None,
-        help="left out of the verdicts (default 10%% of --minutes)")
+        help="left out of the verdicts (default 10%% of --minutes, and at least "
+             "--retention-minutes + 1 with retention on)")
+    add("--retention-minutes", type=float, default=3.0,
+        help="the daemon's retention: events older than this are deleted from the log "
+             "(the retention plugin; default 3; 0: off, the log keeps everything)")
+    add("--sweep-s", type=float, default=30.0,
+        help="seconds between the daemon's retention sweeps (default 30)")
     add("--candidates", type=int, default=500, help="candidates per rank request (default 500)")
     add("--connections", type=int, default=4, help="rank connections (default 4)")
     add("--users", type=int, default=10_000, help="users at the start (default 10,000)")
@@ -513,8 +589,14 @@ def parse_args(doc: str, argv: list[str] | None) -> argparse.Namespace:
     add("--out", type=Path, default=None, help="where soak.json and soak.png go (bench/out)")
     args = parser.parse_args(argv)
     args.out = args.out or out_dir()
+    if args.retention_minutes < 0 or args.sweep_s < 0.1:
+        parser.error("--retention-minutes must be >= 0 and --sweep-s >= 0.1")
+    if args.retention_minutes and args.retention_minutes * 60 <= args.sample_s:
+        # the log tail reads once a sample: rows must outlive a sample to be seen
+        parser.error("--retention-minutes must be longer than --sample-s")
     if args.warmup_minutes is None:
-        args.warmup_minutes = args.minutes / 10
+        args.warmup_minutes = max(args.minutes / 10,
+                                  args.retention_minutes + 1 if args.retention_minutes else 0)
     args.periods = round(args.minutes * 60 / args.sample_s)
     post = args.periods - math.ceil(args.warmup_minutes * 60 / args.sample_s - 1e-9)
     if post < 2:
@@ -524,12 +606,19 @@ def parse_args(doc: str, argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def _daemon_config(kafka: KafkaBroker, mqtt: MqttBroker, ranking: list[str]) -> str:
-    """More TOML for bench_daemon's config: [ranking] keys (it ends there), the feeds."""
-    return "".join(f"{setting}\n" for setting in ranking) + (
+def _daemon_config(kafka: KafkaBroker, mqtt: MqttBroker, args: argparse.Namespace) -> str:
+    """
+    More TOML for bench_daemon's config: [ranking] keys (it ends there), the feeds, and
+    the retention plugin beside the default pseudonymization when asked for.
+    """
+    retention = (
+        '[plugins]\nprivacy = ["pseudonymize", "retention"]\n[plugins.retention]\n'
+        f"max_age_days = {args.retention_minutes / 1440!r}\n"
+        f"sweep_interval_s = {args.sweep_s!r}\n" if args.retention_minutes else "")  # fmt: skip
+    return "".join(f"{setting}\n" for setting in args.ranking) + (
         f'[kafka]\nbootstrap = "{kafka.bootstrap}"\ntopics = ["{KAFKA_TOPIC}"]\n'
         f'group_id = "soak"\n[mqtt]\nurl = "mqtt://127.0.0.1:{mqtt.port}"\n'
-        'client_id = "rerankd-soak"\n')  # fmt: skip
+        'client_id = "rerankd-soak"\n') + retention  # fmt: skip
 
 
 def _run(tmp: Path, args: argparse.Namespace) -> dict[str, Any]:
@@ -544,7 +633,7 @@ def _run(tmp: Path, args: argparse.Namespace) -> dict[str, Any]:
             broker.start()
         asyncio.run(kafka.create_topic(KAFKA_TOPIC, partitions=KAFKA_PARTITIONS))
         make_model(tmp / "model.safetensors")
-        daemon, sock = start_daemon(tmp, _daemon_config(kafka, mqtt, args.ranking))
+        daemon, sock = start_daemon(tmp, _daemon_config(kafka, mqtt, args))
         stack.callback(_stop, daemon)
         kafka_rate = round(args.event_rate * args.kafka_share)
         load = Load(socket=str(sock), bootstrap=kafka.bootstrap, mqtt_port=mqtt.port,
@@ -563,8 +652,9 @@ def _run(tmp: Path, args: argparse.Namespace) -> dict[str, Any]:
         finally:
             _stop(daemon)
             _keep_log(tmp / "daemon.log", args.out)
+        soak.tail.read()  # what the drain added
         return {"samples": soak.samples, "published": soak.published,
-                "logged": count_logged(tmp / "data" / "events.db"), "drain_s": extra["drain_s"],
+                "logged": soak.tail.verdict(soak.published), "drain_s": extra["drain_s"],
                 "tail_ranks": soak.tail_ranks,
                 "kafka_rate": load.kafka_rate, "mqtt_rate": load.mqtt_rate,
                 "latencies": np.concatenate(soak.latencies or [np.zeros(0)]),
@@ -608,7 +698,8 @@ def main(doc: str, argv: list[str] | None = None) -> int:
         "p99_bound_ms": args.p99_bound_ms, "timeout_s": args.timeout_s,
         "connections": args.connections,
         "candidates": args.candidates, "users": args.users, "user_growth": args.user_growth,
-        "ranking": args.ranking,
+        "ranking": args.ranking, "retention_minutes": args.retention_minutes,
+        "sweep_s": args.sweep_s,
         **run,
     }  # fmt: skip
     results["after_warmup"] = {"rank_ms": _latency(latencies, args.timeout_s * 1e3),

@@ -854,7 +854,8 @@ class Service:
         state, m = self.store.state, self.metrics
         return self.plugins.privacy.export({
             "uptime_s": round(time.time() - self.started, 3),
-            "events": self._event_counts() | {"log_offset": state.offset},
+            "events": self._event_counts() | {"log_offset": state.offset,
+                                               "indexed_ids": self.store.log.indexed_ids},
             "users": len(state.user_index),
             "items": state.n_items,
             "writer_pending": self.committer.pending,

@@ -172,6 +172,17 @@ def test_sigkill_during_ingest_loses_no_acknowledged_event(start: Any, tmp_path:
         assert stats["events"]["log_offset"] >= len(acked)
 
 
+def test_stats_count_the_id_index(start: Any) -> None:
+    """stats.events.indexed_ids: one entry per logged event; a duplicate adds none."""
+    daemon = start()
+    with daemon.client() as client:
+        before = client.request("stats")["events"]["indexed_ids"]
+        client.request("ingest", events=[_event(n, user="ix") for n in range(5)])
+        client.request("ingest", events=[_event(2, user="ix")])  # already logged
+        after = client.request("stats")["events"]["indexed_ids"]
+    assert 5 == after - before
+
+
 def test_forget_erases_the_user(start: Any) -> None:
     """forget removes the user's state; user then answers not_found."""
     daemon = start()
