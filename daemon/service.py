@@ -45,6 +45,7 @@ import structlog
 
 from daemon._errors import DaemonError
 from daemon._export import item_aggregates
+from daemon._malloc import MMAP_THRESHOLD, tune_malloc
 from daemon._model import (
     NO_MODEL,
     TRAINED_MODEL,
@@ -960,6 +961,7 @@ def _make_feeds(config: Config, sink: FeedSink) -> list[Any]:
 
 def run(config: Config) -> int:
     """Run the daemon until SIGTERM/SIGINT; returns the exit status (0 on a clean stop)."""
+    _log.info("malloc_tuned", mmap_threshold=MMAP_THRESHOLD, outcome=tune_malloc())
     try:
         uvloop = __import__("uvloop")
     except ImportError:
