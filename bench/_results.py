@@ -209,6 +209,7 @@ def _soak(r: dict[str, Any], f: _Figures) -> None:
     f.add("length", r["minutes"], "min")
     f.add("asked rank rate", r["rank_rate"], "requests/s")
     f.add("asked event rate", r["event_rate"], "events/s")
+    f.add("log retention", r.get("retention_minutes", 0.0), "min")  # 0: none (older runs)
     # a sample ends its period at t_s; after warm-up: periods that start after it, as
     # bench/soak's verdicts count them (the period: sample_s, or the first sample's t_s)
     period = r.get("sample_s") or samples[0]["t_s"]

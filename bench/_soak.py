@@ -600,7 +600,9 @@ def parse_args(doc: str, argv: list[str] | None) -> argparse.Namespace:
     args.periods = round(args.minutes * 60 / args.sample_s)
     post = args.periods - math.ceil(args.warmup_minutes * 60 / args.sample_s - 1e-9)
     if post < 2:
-        parser.error("--minutes must leave at least 2 samples (--sample-s) after the warm-up")
+        parser.error(f"--minutes must leave at least 2 samples (--sample-s) after the "
+                     f"warm-up of {args.warmup_minutes:g} min (--warmup-minutes; with "
+                     "retention on it is at least --retention-minutes + 1)")
     if not 0 <= args.kafka_share <= 1:
         parser.error("--kafka-share must be between 0 and 1")
     return args

@@ -161,6 +161,19 @@ def test_the_log_tail_finds_gaps_doubles_and_strangers(tmp_path: Path) -> None:
             "unpublished": 1, "other": 1} == tail.verdict({"kafka": 6, "mqtt": 2})
 
 
+def test_the_warm_up_waits_for_the_log_to_reach_its_retained_size() -> None:
+    """With retention the default warm-up is at least its age + 1 min; too short: refused."""
+    from bench._soak import parse_args  # noqa: PLC0415 - bench/ is not a package on the path
+
+    assert 4.0 == parse_args("", ["--minutes", "30"]).warmup_minutes  # 3-min retention
+    assert 3.0 == parse_args("", ["--minutes", "30", "--retention-minutes", "0"]).warmup_minutes
+    assert 6.0 == parse_args("", ["--minutes", "60", "--retention-minutes", "2"]).warmup_minutes
+    with pytest.raises(SystemExit):
+        parse_args("", ["--minutes", "3", "--sample-s", "15"])  # 4 min of warm-up
+    with pytest.raises(SystemExit):  # rows must outlive a sample to be read
+        parse_args("", ["--retention-minutes", "0.5", "--sample-s", "60"])
+
+
 def test_a_generator_dies_with_its_parent() -> None:
     """A killed soak leaves no generator running (they once kept loading the machine)."""
     child = ("import sys, time; sys.path[:0] = [sys.argv[1], sys.argv[2]]; "
