@@ -156,10 +156,12 @@ def test_drop_resets_both_sides_and_later_connections_work(proxy: FaultProxy,
             drain(sock)
     with connect(proxy) as again:
         assert 0.0 < round_trip_s(again)
+    # each connection's handler thread records its ending when it sees it: the dropped
+    # one's may come after the second's clean close on a busy machine (CI saw that)
     deadline = time.monotonic() + 10
-    while len(echo.endings) < 1 and time.monotonic() < deadline:
+    while len(echo.endings) < 2 and time.monotonic() < deadline:
         time.sleep(0.02)
-    assert "reset" == echo.endings[0]
+    assert ["eof", "reset"] == sorted(echo.endings)
     assert 2 == proxy.accepted
 
 
