@@ -61,6 +61,10 @@ RankNow = Callable[[Sequence[Rank]], "list[dict[str, Any] | ProtocolError] | Non
 _CREDS: Final = struct.Struct("3i")  # struct ucred: pid, uid, gid
 _SO_PEERGROUPS: Final = 59  # Linux's value, for Pythons whose socket module lacks the name
 _MAX_GROUPS: Final = 1024
+#: Connections the kernel holds before the loop accepts them (a burst of clients while
+#: the loop is busy); one more gets EAGAIN from connect(), which asyncio clients mistake
+#: for a connection in progress and then fail with EINVAL on their first recv.
+LISTEN_BACKLOG: Final = 1024
 _log = structlog.get_logger("daemon.server")
 
 
@@ -89,7 +93,7 @@ def bind_unix_socket(path: os.PathLike[str] | str, *, mode: int) -> socket.socke
     finally:
         os.umask(old)
     path.chmod(mode)
-    sock.listen(1024)
+    sock.listen(LISTEN_BACKLOG)
     sock.setblocking(False)  # noqa: FBT003 - the socket API's own signature
     return sock
 
@@ -265,7 +269,9 @@ class Server:
     async def start(self, sock: socket.socket) -> None:
         """Start accepting on ``sock`` (bound and listening)."""
         loop = asyncio.get_running_loop()
-        self._server = await loop.create_unix_server(lambda: _Connection(self), sock=sock)
+        # create_unix_server calls listen() again, with its own backlog (100 by default)
+        self._server = await loop.create_unix_server(lambda: _Connection(self), sock=sock,
+                                                     backlog=LISTEN_BACKLOG)  # fmt: skip
         self._sweeper = loop.create_task(self._sweep_idle(), name="daemon[server].idle")
 
     async def stop(self, *, graceful_timeout_s: float) -> None:

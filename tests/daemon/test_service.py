@@ -183,6 +183,34 @@ def test_stats_count_the_id_index(start: Any) -> None:
     assert 5 == after - before
 
 
+def test_a_burst_of_clients_waits_in_the_backlog(start: Any) -> None:
+    """
+    300 clients connecting while the daemon cannot accept (stopped) are all held in the
+    listen backlog, then served: asyncio's create_unix_server used to listen() again
+    with a backlog of 100, so the 102nd connect() failed with EAGAIN.
+    """
+    daemon = start()
+    socks: list[socket.socket] = []
+    daemon.proc.send_signal(signal.SIGSTOP)
+    try:
+        for _ in range(300):
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            socks.append(sock)
+            sock.setblocking(False)  # noqa: FBT003 - EAGAIN rather than a wait
+            sock.connect(str(daemon.socket_path))
+    finally:
+        daemon.proc.send_signal(signal.SIGCONT)
+    try:
+        last = socks[-1]
+        last.setblocking(True)  # noqa: FBT003
+        last.settimeout(30)
+        last.sendall(b'{"id":1,"op":"health"}\n')
+        assert b'"ok":true' in last.recv(65536)
+    finally:
+        for sock in socks:
+            sock.close()
+
+
 def test_forget_erases_the_user(start: Any) -> None:
     """forget removes the user's state; user then answers not_found."""
     daemon = start()
