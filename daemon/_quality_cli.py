@@ -58,6 +58,9 @@ def _load(dataset: Path | None, fmt: str | None) -> Any:
 @click.option("--max-len", type=click.IntRange(min=1),
               help="Sequence length L (default: from the data).")
 @click.option("--dim", default=64, show_default=True, type=click.IntRange(min=1))
+@click.option("--members", default=3, show_default=True, type=click.IntRange(min=1),
+              help="Ensemble size: encoders trained side by side, scores averaged; fewer "
+                   "are kept when the time budget cannot fit them.")
 @click.option("--dropout", type=click.FloatRange(0.0, 0.95), help="Default: from the data.")
 @click.option("--loss", type=click.Choice(["full", "sampled", "bce"]),
               help="Default: from the catalogue size.")
@@ -75,7 +78,7 @@ def _load(dataset: Path | None, fmt: str | None) -> Any:
 @_json
 def train_command(
     *, dataset: Path | None, fmt: str | None, from_log: bool, config_path: Path | None,
-    out: Path, seed: int, max_len: int | None, dim: int, dropout: float | None,
+    out: Path, seed: int, max_len: int | None, dim: int, members: int, dropout: float | None,
     loss: str | None, negatives: int, max_epochs: int, patience: int, max_minutes: float,
     holdout: float | None, quiet: bool, as_json: bool,
 ) -> None:  # fmt: skip
@@ -102,7 +105,8 @@ def train_command(
     else:
         data = _load(dataset, fmt)
     options = TrainOptions(
-        seed=seed, max_len=max_len, dim=dim, dropout=dropout, loss=loss,  # type: ignore[arg-type]
+        seed=seed, max_len=max_len, dim=dim, members=members, dropout=dropout,
+        loss=loss,  # type: ignore[arg-type]
         negatives=negatives,
         max_epochs=max_epochs, patience=patience, max_minutes=max_minutes, progress=not quiet,
         holdout=holdout,

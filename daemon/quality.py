@@ -25,6 +25,11 @@ Defaults that generalize (chosen from the data, never from the file's name):
   :data:`NEGATIVES` uniform negatives shared by the batch.
 - epochs: until validation NDCG@10 has not improved for ``patience`` epochs, at most
   ``max_epochs``, and never past the time budget (``max_minutes``).
+- ``members``: an ensemble of :data:`MEMBERS` encoders trained side by side from
+  different initialisations, their scores averaged (:mod:`kernels.sasrec`). Members
+  cost time in proportion, so after the second epoch training keeps only as many as
+  leave time for :data:`ENSEMBLE_MIN_EPOCHS` epochs within the budget (a large data
+  set ends with one).
 """
 
 from __future__ import annotations
@@ -57,6 +62,9 @@ DatasetFormat = Literal["sasrec", "movielens"]
 #: A step's logits [B, L, V + 1] of the full softmax, at most (float32: 64 MiB).
 FULL_SOFTMAX_LOGITS: Final = 1 << 24
 NEGATIVES: Final = 256
+#: Ensemble members by default, and the epochs each must have time for (see above).
+MEMBERS: Final = 3
+ENSEMBLE_MIN_EPOCHS: Final = 40
 #: Learning-rate decay on a validation plateau: halve it after 3 epochs without gain.
 LR_DECAY_AFTER, LR_DECAY_FACTOR = 3, 0.5
 #: Validation ranks every item for each user each epoch; more users add little.
@@ -212,6 +220,7 @@ class TrainOptions:
     seed: int = 0
     max_len: int | None = None
     dim: int = 64
+    members: int = MEMBERS
     blocks: int = 2
     heads: int = 1
     dropout: float | None = None
@@ -258,6 +267,7 @@ def plan(data: Dataset, options: TrainOptions) -> Plan:
         num_blocks=options.blocks,
         num_heads=options.heads,
         dropout=dropout,
+        members=options.members,
     )
     loss = options.loss
     if loss is None:
@@ -335,12 +345,15 @@ def train(
         deadline=deadline,
         evaluator=validate,
         lr_decay=(LR_DECAY_AFTER, LR_DECAY_FACTOR),
+        min_epochs=ENSEMBLE_MIN_EPOCHS,
     )
+    config = dataclasses.replace(config, members=report.members)
     best = report.epochs[report.best_epoch - 1]
     summary = {
         "trained_by": "rerankd train",
         **data.describe(),
         "seed": options.seed,
+        "members": report.members,
         "loss": chosen.loss,
         "negatives": chosen.negatives if chosen.loss == "sampled" else None,
         "epochs": len(report.epochs),

@@ -483,7 +483,7 @@ class Ranking:
         ``fresh``: user rows whose vectors were encoded for this batch (misses).
         """
         assert self.ranker is not None
-        dim = self.ranker.config.dim
+        dim = self.ranker.config.vector_dim
         out = np.zeros((len(user_rows), dim), np.float32)
         stale: dict[int, int] = {}  # user row -> version, for users needing an encode
         n_events = state.n_events

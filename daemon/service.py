@@ -305,7 +305,7 @@ class Service:
         for policy in self.plugins.policies:
             warm_up = getattr(policy, "warm_up", None)
             if warm_up is not None and ranker is not None:
-                warm_up(ranker.config.dim, max_candidates=self.config.server.max_candidates,
+                warm_up(ranker.config.vector_dim, max_candidates=self.config.server.max_candidates,
                         k=min(20, self.config.server.max_candidates))  # fmt: skip
 
     def user_id(self, user: str) -> str:
@@ -880,6 +880,8 @@ class Service:
             "retention": self.retention.last if self.retention else None,
             "model": self.model.source,
             "model_created_at": self.model.created_at,
+            "model_members": (self.model.ranker.config.members
+                              if self.model.ranker is not None else None),
             "warmup_s": round(self.model.warmup_s, 3),
             "compile_count": self._compile_count(),
             "online": ({"examples": self.online.examples, "steps": self.online.steps}

@@ -41,7 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from kernels.metrics import cosine_distances, intra_list_diversity, rank_of_target
-from kernels.sasrec import SasrecConfig, encode_users
+from kernels.sasrec import SasrecConfig, encode_users, item_table
 
 __all__ = [
     "PROTOCOLS",
@@ -239,7 +239,7 @@ def _sampled_block(
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Ranks of column 0, top-k candidate ids and ILD@k for ``candidates [B, C]``."""
     users = encode_users(params, inputs, config=config)
-    table = params["item_emb"]
+    table = item_table(params)
     scores = jnp.einsum("bd,bcd->bc", users, table[candidates])
     ranks = rank_of_target(scores, jnp.zeros(candidates.shape[0], jnp.int32))
     _, pos = jax.lax.top_k(scores, k)
@@ -254,7 +254,7 @@ def _full_block(
 ) -> tuple[jax.Array, jax.Array, jax.Array]:  # fmt: skip
     """Ranks of ``targets`` among the items ``where`` allows, top-k ids and ILD@k."""
     users = encode_users(params, inputs, config=config)
-    table = params["item_emb"]
+    table = item_table(params)
     scores = users @ table.T
     ranks = rank_of_target(scores, targets, where=where)
     _, top = jax.lax.top_k(jnp.where(where, scores, -jnp.inf), k)

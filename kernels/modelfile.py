@@ -1,7 +1,8 @@
 """
 Model files: the encoder's parameters plus a manifest, in one safetensors file.
 
-The tensors are the parameters of :mod:`kernels.sasrec`, one per dotted name, each
+The tensors are the parameters of :mod:`kernels.sasrec`, one per dotted name (an
+ensemble's with a leading member axis), each
 float32, float16 or float64 (safetensors' numpy loader cannot read bfloat16, so it is
 refused on save and on load). The safetensors metadata (``str -> str``) is the
 manifest:
@@ -10,7 +11,8 @@ manifest:
 ``format``           ``"rerankd-model"``
 ``format_version``   ``"1"``; a larger number was written by a newer rerankd
 ``model``            ``"sasrec"``
-``hparams``          JSON object, ``SasrecConfig.to_dict()``
+``hparams``          JSON object, ``SasrecConfig.to_dict()`` (a file from before
+                     ``members`` existed lacks it: one member)
 ``vocab_size``       V, the number of items (decimal)
 ``vocab_fingerprint`` :func:`vocabulary_fingerprint` of the vocabulary (hex)
 ``vocabulary``       JSON list of the V external item ids in dense order: element
@@ -347,10 +349,17 @@ def _hparam_types() -> dict[str, tuple[type, ...]]:
     }
 
 
+#: Fields added to SasrecConfig after files were written: a file without one has the
+#: value it had before the field existed.
+_LATER_HPARAMS: Final[dict[str, int]] = {"members": 1}
+
+
 def _parse_config(path: Path, meta: Mapping[str, str]) -> SasrecConfig:
-    """The hyper-parameters: every field present, of its type, and valid."""
+    """The hyper-parameters: every field present (but later ones), of its type, and valid."""
     raw = _json_field(path, meta, "hparams")
     types = _hparam_types()
+    if isinstance(raw, dict):
+        raw = {**{k: v for k, v in _LATER_HPARAMS.items() if k not in raw}, **raw}
     if not isinstance(raw, dict) or raw.keys() != types.keys():
         detail = f"hparams is not an object with exactly the keys {sorted(types)}"
         raise ModelFileError(path, "bad_manifest", detail)

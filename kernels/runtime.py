@@ -39,7 +39,7 @@ import numpy as np
 from jax import lax
 
 from kernels._hostscore import BAD_FEATURE, BAD_INDEX, BAD_USER, OK, fused_scores_host
-from kernels.sasrec import SasrecConfig, encode_users, param_shapes
+from kernels.sasrec import SasrecConfig, encode_users, item_table, param_shapes
 from kernels.scoring import gather_score_top_k
 
 __all__ = ["BATCH_BUCKETS", "CANDIDATE_BUCKETS", "Ranker", "Scored", "WarmupReport", "bucket_for"]
@@ -130,7 +130,13 @@ class Ranker:
             {name: jnp.asarray(value, self._dtype) for name, value in params.items()},
             self.device,
         )
-        self._table = np.ascontiguousarray(params["item_emb"], np.float32)
+        # the table scores are taken against: item_emb, or an ensemble's side by side
+        self._table = np.ascontiguousarray(item_table(params), np.float32)
+        self._device_table = (
+            self._params["item_emb"]  # one member: the same array, not a second copy
+            if config.members == 1
+            else jax.device_put(jnp.asarray(self._table, self._dtype), self.device)
+        )
         self._num_features = len(feature_weights)
         self.set_feature_weights(feature_weights)
         self._encoders: dict[int, Any] = {}
@@ -161,7 +167,11 @@ class Ranker:
 
     @property
     def item_table(self) -> np.ndarray:
-        """The item embeddings ``[num_items + 1, d]`` as a float32 host array (row 0: padding)."""
+        """
+        The item table ``[num_items + 1, vector_dim]`` as a float32 host array (row 0: padding).
+
+        ``item_emb``, or an ensemble's members' tables side by side (`kernels.sasrec.item_table`).
+        """
         return self._table
 
     @property
@@ -199,7 +209,7 @@ class Ranker:
         else:
             dtype = np.dtype(self._dtype)
             self._buffers[b, n] = _Buffers.allocate(
-                b, n, self.config.dim, self._num_features, dtype
+                b, n, self.config.vector_dim, self._num_features, dtype
             )
 
     def _compile_encoder(self, b: int) -> Any:
@@ -215,9 +225,9 @@ class Ranker:
             return fn.lower(spec((b, n), jnp.float32), k=k).compile()
         fn = jax.jit(_device_kernel, static_argnames="k")
         return fn.lower(
-            self._params["item_emb"],
+            self._device_table,
             spec((b, n), jnp.int32),
-            spec((b, self.config.dim), self._dtype),
+            spec((b, self.config.vector_dim), self._dtype),
             spec((b, n), jnp.bool_),
             spec((b, n, self._num_features), jnp.float32),
             self._weights,
@@ -289,7 +299,7 @@ class Ranker:
                 self._check_values(user_vecs, cand_idx, features)
                 buf.fill(user_vecs, cand_idx, where, features)
                 out = compiled(
-                    self._params["item_emb"],
+                    self._device_table,
                     buf.idx,
                     buf.users,
                     buf.where,
@@ -323,7 +333,7 @@ class Ranker:
             msg = f"cand_idx: expected shape [batch, candidates], got {list(cand_idx.shape)}"
             raise ValueError(msg)
         rows, cols = cand_idx.shape
-        user_vecs = _float_shape(user_vecs, "user_vecs", (rows, self.config.dim))
+        user_vecs = _float_shape(user_vecs, "user_vecs", (rows, self.config.vector_dim))
         if where is not None:
             where = _bool_array(where, (rows, cols))
         if features is not None:

@@ -10,6 +10,15 @@ Pure functions of ``(params, inputs)``; ``config`` is a hashable dataclass passe
 static argument (``jax.jit(encode_users, static_argnames="config")``). Parameters are
 a flat ``dict[str, Array]`` with dotted names, so they map one to one onto tensors in
 a model file.
+
+**Ensembles.** A model of ``members = K > 1`` is K encoders trained side by side from
+different initialisations (and dropout): every parameter has a leading axis of size
+K. It is still one dot-product model: a user's vector is the concatenation of the
+members' vectors divided by K, ``[d * K]``, and the item table the concatenation of
+their item embeddings, ``[V + 1, d * K]`` (:func:`item_table`), so a score is the
+mean of the members' scores and every consumer of (user vector, item table) serves
+an ensemble unchanged. The member count is read from the parameters' shapes, so a
+caller may train K members and keep fewer (a slice of the leading axis).
 """
 
 from __future__ import annotations
@@ -25,6 +34,8 @@ __all__ = [
     "encode_users",
     "init_params",
     "item_logits",
+    "item_table",
+    "members_of",
     "param_shapes",
     "sequence_outputs",
 ]
@@ -44,7 +55,9 @@ class SasrecConfig:
     ``num_items`` is the item-vocabulary size V (the embedding table has V + 1 rows,
     row 0 being padding); ``max_len`` is L; ``dim`` is d; ``ffn_dim`` defaults to d.
     ``dropout`` applies to embeddings, attention weights and both residual branches,
-    only when a dropout key is given (training).
+    only when a dropout key is given (training). ``members`` is the ensemble size
+    (module docstring); users and items are then vectors of ``vector_dim = dim *
+    members``.
     """
 
     num_items: int
@@ -54,9 +67,10 @@ class SasrecConfig:
     num_heads: int = 1
     ffn_dim: int = 0
     dropout: float = 0.2
+    members: int = 1
 
     def __post_init__(self) -> None:
-        for name in ("num_items", "max_len", "dim", "num_blocks", "num_heads"):
+        for name in ("num_items", "max_len", "dim", "num_blocks", "num_heads", "members"):
             if getattr(self, name) < 1:
                 msg = f"SasrecConfig.{name}: must be at least 1, got {getattr(self, name)}"
                 raise ValueError(msg)
@@ -71,6 +85,16 @@ class SasrecConfig:
             raise ValueError(msg)
         if self.ffn_dim == 0:
             object.__setattr__(self, "ffn_dim", self.dim)
+
+    @property
+    def vector_dim(self) -> int:
+        """The width of a user vector and of an item-table row: ``dim * members``."""
+        return self.dim * self.members
+
+    @property
+    def member(self) -> SasrecConfig:
+        """The configuration of one member (``members = 1``)."""
+        return dataclasses.replace(self, members=1)
 
     def to_dict(self) -> dict[str, int | float]:
         """The hyper-parameters as a plain JSON-able dict (``SasrecConfig(**d)`` inverts it)."""
@@ -97,6 +121,8 @@ def param_shapes(config: SasrecConfig) -> dict[str, tuple[int, ...]]:
             p + "ffn.w2": (f, d), p + "ffn.b2": (d,),
         }  # fmt: skip
     shapes |= {"ln_final.scale": (d,), "ln_final.bias": (d,)}
+    if config.members > 1:
+        shapes = {name: (config.members, *shape) for name, shape in shapes.items()}
     return shapes
 
 
@@ -105,8 +131,12 @@ def init_params(key: jax.Array, config: SasrecConfig) -> dict[str, jax.Array]:
     Fresh float32 parameters for ``config``.
 
     Embeddings ~ N(0, 1/d) (row 0 zero), weight matrices ~ N(0, 1/fan_in), layer-norm
-    scales 1, every bias 0.
+    scales 1, every bias 0. An ensemble's members are initialised from
+    ``split(key, members)``.
     """
+    if config.members > 1:
+        member = config.member
+        return jax.vmap(lambda k: init_params(k, member))(jax.random.split(key, config.members))
     shapes = param_shapes(config)
     keys = dict(zip(shapes, jax.random.split(key, len(shapes)), strict=True))
     params: dict[str, jax.Array] = {}
@@ -221,6 +251,33 @@ def _embed(
     return x, real, causal[None] & real[:, None, :]
 
 
+def members_of(params: dict[str, jax.Array]) -> int:
+    """How many members ``params`` hold: the leading axis of a 3-D item table, else 1."""
+    table = params["item_emb"]
+    return int(table.shape[0]) if table.ndim == 3 else 1
+
+
+def _concat_members(outputs: jax.Array) -> jax.Array:
+    """``[K, ..., d]`` member outputs -> ``[..., d * K] / K`` (module docstring)."""
+    members = outputs.shape[0]
+    moved = jnp.moveaxis(outputs, 0, -2)  # [..., K, d]
+    return moved.reshape(*moved.shape[:-2], -1) / members
+
+
+def item_table(params: dict[str, jax.Array]) -> jax.Array:
+    """
+    The item table scores are taken against, ``[V + 1, vector_dim]``.
+
+    ``item_emb`` itself for one member; for an ensemble the members' tables side by
+    side, so that ``encode_users(...) @ item_table(params).T`` is the members' mean score.
+    """
+    table = params["item_emb"]
+    if table.ndim == 2:
+        return table
+    moved = jnp.moveaxis(table, 0, 1)  # [V + 1, K, d]
+    return moved.reshape(moved.shape[0], -1)
+
+
 def _run(
     params: dict[str, jax.Array],
     seqs: jax.Array,
@@ -229,6 +286,14 @@ def _run(
     key: jax.Array | None,
     last_only: bool,
 ) -> jax.Array:
+    if members_of(params) > 1:
+        member = config.member
+        keys = None if key is None else jax.random.split(key, members_of(params))
+
+        def one(p: dict[str, jax.Array], k: jax.Array | None) -> jax.Array:
+            return _run(p, seqs, config=member, key=k, last_only=last_only)
+
+        return _concat_members(jax.vmap(one)(params, keys))
     if seqs.ndim != 2 or not 1 <= seqs.shape[-1] <= config.max_len:
         msg = f"seqs: expected shape [batch, {config.max_len}] (or narrower), got {seqs.shape}"
         raise ValueError(msg)
@@ -291,8 +356,9 @@ def item_logits(
     r"""
     Scores of items against encoder outputs through the shared item embedding.
 
-    ``outputs [..., d] @ item_emb.T`` gives ``[..., V + 1]`` (column 0 is padding; mask
+    ``outputs [..., d] @ item_table(params).T`` gives ``[..., V + 1]`` (column 0 is padding; mask
     it); with ``items [K]`` only those columns, ``[..., K]``.
     """
-    table = params["item_emb"] if items is None else params["item_emb"][items]
+    table = item_table(params)
+    table = table if items is None else table[items]
     return outputs @ table.T

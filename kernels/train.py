@@ -34,6 +34,7 @@ from kernels.sasrec import (
     SasrecConfig,
     encode_users,
     item_logits,
+    members_of,
     param_shapes,
     sequence_outputs,
 )
@@ -49,8 +50,10 @@ __all__ = [
     "fit",
     "full_ranking_metrics",
     "full_softmax_loss",
+    "init_optimizer_state",
     "make_evaluator",
     "make_train_step",
+    "members_that_fit",
     "sample_negatives",
     "sampled_softmax_loss",
     "weight_decay_mask",
@@ -303,6 +306,11 @@ def make_train_step(
     once per batch shape. After the update, row 0 of ``item_emb`` (padding) is reset to
     zero. Buffers are not donated: callers may keep earlier parameters (best epoch).
 
+    An ensemble (parameters with a leading member axis, :mod:`kernels.sasrec`) trains
+    each member on the same batch with its own dropout and negatives (``split(key,
+    members)``) and its own optimiser state (:func:`init_optimizer_state`); the members
+    never share a gradient, and the loss value is their mean.
+
     Raises:
         ValueError: ``loss`` is not "full"/"sampled"/"bce", or ``num_negatives`` < 1.
 
@@ -310,9 +318,9 @@ def make_train_step(
     if loss not in {"full", "sampled", "bce"}:
         _fail("loss", 'must be "full", "sampled" or "bce"', repr(loss))
     _check_count("num_negatives", num_negatives)
-    loss_fn = _loss_of_key(config, loss, num_negatives)
+    loss_fn = _loss_of_key(config.member, loss, num_negatives)
 
-    def step(
+    def member_step(
         params: Params,
         opt_state: optax.OptState,
         inputs: jax.Array,
@@ -325,7 +333,58 @@ def make_train_step(
         params = {**params, "item_emb": params["item_emb"].at[0].set(0.0)}
         return params, opt_state, value
 
+    def step(
+        params: Params,
+        opt_state: optax.OptState,
+        inputs: jax.Array,
+        targets: jax.Array,
+        key: jax.Array,
+    ) -> tuple[Params, optax.OptState, jax.Array]:
+        members = members_of(params)
+        if members == 1:
+            return member_step(params, opt_state, inputs, targets, key)
+        every = jax.vmap(member_step, in_axes=(0, 0, None, None, 0))
+        params, opt_state, values = every(
+            params, opt_state, inputs, targets, jax.random.split(key, members)
+        )
+        return params, opt_state, jnp.mean(values)
+
     return jax.jit(step)
+
+
+def init_optimizer_state(optimizer: optax.GradientTransformation, params: Params) -> optax.OptState:
+    """``optimizer.init(params)``; for an ensemble, one state per member (a leading axis)."""
+    if members_of(params) == 1:
+        return optimizer.init(params)
+    return jax.vmap(optimizer.init)(params)
+
+
+def _first_members(tree: Any, keep: int) -> Any:
+    """
+    Every array of ``tree`` (parameters or a vmapped optimiser state) cut to ``keep`` members.
+
+    One member loses the member axis: it is then a plain model.
+    """
+    return jax.tree.map(lambda a: a[0] if keep == 1 else a[:keep], tree)
+
+
+#: The epoch whose duration decides how many members of an ensemble fit the deadline:
+#: the first one also compiles.
+_MEASURED_EPOCH = 2
+
+
+def members_that_fit(members: int, *, epoch_s: float, remaining_s: float, epochs: int) -> int:
+    """
+    How many of ``members`` can train ``epochs`` more epochs in ``remaining_s`` seconds.
+
+    An epoch of all ``members`` took ``epoch_s``; one of ``k`` members is taken to take
+    ``epoch_s * k / members`` (members cost the same). At least 1.
+    """
+    per_member = epoch_s / members
+    for keep in range(members, 1, -1):
+        if remaining_s >= epochs * per_member * keep:
+            return keep
+    return 1
 
 
 # ----------------------------------------------------------------------------- validation
@@ -443,13 +502,16 @@ class TrainReport:
     One record per epoch run; ``best_epoch`` is the 1-based epoch whose parameters were
     returned (best validation NDCG@10, the earliest on ties); ``stopped_early`` says
     whether training stopped before ``epochs``, ``time_bound`` whether the deadline
-    (not patience) stopped it.
+    (not patience) stopped it, ``members`` how many ensemble members were kept.
     """
 
     epochs: tuple[EpochRecord, ...]
     best_epoch: int
     stopped_early: bool
     time_bound: bool = False
+    #: the members trained and kept (1: not an ensemble); fewer than asked when the
+    #: deadline could not fit them (:func:`fit`'s ``min_epochs``)
+    members: int = 1
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-able dict: ``{"epochs": [{...}, ...], "best_epoch", "stopped_early"}``."""
@@ -458,6 +520,7 @@ class TrainReport:
             "best_epoch": self.best_epoch,
             "stopped_early": self.stopped_early,
             "time_bound": self.time_bound,
+            "members": self.members,
         }
 
 
@@ -670,13 +733,16 @@ def _train_loop(
     bar: tqdm,
     deadline: float | None = None,
     lr_decay: tuple[int, float] | None = None,
+    min_epochs: int | None = None,
 ) -> tuple[Params, TrainReport]:
     """
     Epochs until ``epochs``, ``patience`` epochs without a better NDCG@10, or the deadline.
 
     Training also stops when another epoch as long as the last would end after
     ``deadline``; with ``lr_decay = (n, f)`` the learning rate is multiplied by ``f``
-    after every ``n`` epochs without a better NDCG@10.
+    after every ``n`` epochs without a better NDCG@10. An ensemble with a deadline and
+    ``min_epochs`` keeps, after the second epoch, only the members that leave time for
+    ``min_epochs`` epochs in all (:func:`members_that_fit`).
     """
     best, records, time_bound = _Best(-math.inf, 0, state[0]), [], False
     for epoch in range(1, epochs + 1):
@@ -690,6 +756,13 @@ def _train_loop(
             break
         elif lr_decay is not None and (epoch - best.epoch) % lr_decay[0] == 0:
             state = (state[0], _scaled_learning_rate(state[1], lr_decay[1]))
+        members = members_of(state[0])
+        if epoch == _MEASURED_EPOCH and members > 1 and deadline is not None and min_epochs:
+            keep = members_that_fit(members, epoch_s=record.wall_s, epochs=min_epochs - epoch,
+                                    remaining_s=deadline - time.perf_counter())  # fmt: skip
+            if keep < members:
+                state = _first_members(state, keep)
+                best = dataclasses.replace(best, params=_first_members(best.params, keep))
         if (
             deadline is not None
             and epoch < epochs
@@ -698,7 +771,7 @@ def _train_loop(
             time_bound = True
             break
     report = TrainReport(tuple(records), best.epoch, stopped_early=len(records) < epochs,
-                         time_bound=time_bound)  # fmt: skip
+                         time_bound=time_bound, members=members_of(best.params))  # fmt: skip
     return best.params, report
 
 
@@ -722,6 +795,7 @@ def fit(
     deadline: float | None = None,
     evaluator: Evaluator | None = None,
     lr_decay: tuple[int, float] | None = None,
+    min_epochs: int | None = None,
 ) -> tuple[Params, TrainReport]:
     """
     Train for up to ``epochs`` and return the parameters of the best validation epoch.
@@ -760,6 +834,10 @@ def fit(
         lr_decay: ``(n, factor)``: multiply the learning rate by ``factor`` after
             every ``n`` epochs without a better validation NDCG@10 (needs an optimizer
             with an injected learning rate, as :func:`default_optimizer` has).
+        min_epochs: with ``deadline``, an ensemble (``config.members > 1``) keeps after
+            its second epoch only as many members as leave time for this many epochs
+            (the report says ``members``); the returned parameters may have fewer
+            members than ``config``.
 
     Returns:
         ``(best_params, report)``.
@@ -779,7 +857,8 @@ def fit(
     evaluate = evaluator or make_evaluator(config, batch_size=eval_batch_size)
     run_epoch = _epoch_runner(step, evaluate, train, val, batch_size=batch_size, seed=seed)
     per_epoch = sum(-(-len(rows) // batch_size) for rows in _length_buckets(train[0]).values())
-    state = (params, optimizer.init(params))
+    state = (params, init_optimizer_state(optimizer, params))
     with tqdm(total=epochs * per_epoch, unit="batch", disable=not progress) as bar:
         return _train_loop(run_epoch, state, epochs=epochs, patience=patience, bar=bar,
-                           deadline=deadline, lr_decay=lr_decay)  # fmt: skip
+                           deadline=deadline, lr_decay=lr_decay,
+                           min_epochs=min_epochs)  # fmt: skip

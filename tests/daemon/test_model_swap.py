@@ -29,15 +29,18 @@ CANDIDATES = ["m1", "m6", "x1", "m9", "m12", "m15"]
 
 
 def _save(path: Path, vocabulary: list[str], *, seed: int, created_at: str,
-          nan: bool = False) -> None:  # fmt: skip
-    """An untrained model over ``vocabulary`` (``nan``: one NaN in an item embedding)."""
+          nan: bool = False, members: int = 1) -> None:  # fmt: skip
+    """
+    An untrained model over ``vocabulary`` (``nan``: one NaN in an item embedding;
+    ``members``: an ensemble, whose user vectors are that many times wider).
+    """
     import datetime as dt  # noqa: PLC0415
 
     config = SasrecConfig(num_items=len(vocabulary), max_len=8, dim=8, num_blocks=1,
-                          dropout=0.0)  # fmt: skip
+                          dropout=0.0, members=members)  # fmt: skip
     params = {k: np.array(v) for k, v in init_params(jax.random.key(seed), config).items()}
     if nan:
-        params["item_emb"][3, 1] = np.nan
+        params["item_emb"][..., 3, 1] = np.nan
     save_model(path, params, config, vocabulary=vocabulary,  # atomic: a temporary file renamed
                created_at=dt.datetime.fromisoformat(created_at))  # fmt: skip
 
@@ -131,11 +134,13 @@ def test_hot_swap_under_load_fails_no_request(daemon: Daemon) -> None:
     While two connections rank without pause, the model file is replaced atomically and
     SIGHUP sent: no request fails, answers before the swap come from the old model (it
     does not know x1), every request sent after ``reloaded`` from the new one (it does).
+    The new model is a 3-member ensemble: user vectors change width at the swap.
     """
     load = _Load(daemon, threads=2)
     try:
         assert len(poll(lambda: load.answers, lambda a: len(a) >= 10, timeout_s=30)) >= 10
-        _save(_model_path(daemon), NEW_VOCABULARY, seed=2, created_at="2026-02-01T00:00:00+00:00")
+        _save(_model_path(daemon), NEW_VOCABULARY, seed=2, created_at="2026-02-01T00:00:00+00:00",
+              members=3)  # fmt: skip
         hangup = time.monotonic()
         daemon.proc.send_signal(signal.SIGHUP)
         poll(lambda: _log_events(daemon, "reloaded"), bool, timeout_s=60)
@@ -151,7 +156,8 @@ def test_hot_swap_under_load_fails_no_request(daemon: Daemon) -> None:
     assert {True} == {knows for _, _, knows, _ in after}
     assert {"model"} == {source for *_, source in load.answers}
     with daemon.client() as client:
-        assert "2026-02-01T00:00:00+00:00" == client.request("stats")["model_created_at"]
+        stats = client.request("stats")
+    assert ("2026-02-01T00:00:00+00:00", 3) == (stats["model_created_at"], stats["model_members"])
 
 
 def _truncated(path: Path) -> bytes:

@@ -57,6 +57,8 @@ def test_train_writes_the_model_and_its_report(trained: dict[str, Any]) -> None:
     report = json.loads(model.with_name(model.name + ".train.json").read_text())
     assert report["users"] == 80
     assert report["interactions"] == 80 * 9  # the last 3 of 12 were left out (--holdout)
+    # an ensemble of 3 by default, all kept (no time budget pressure on this data)
+    assert (3, 3) == (loaded.manifest.config.members, report["members"])
     assert len(report["history"]) == report["epochs"] >= 1
     assert {"train_loss", "val_ndcg_at_10", "val_hr_at_10"} <= set(report["history"][0])
     png = model.with_name(model.name + ".train.png").read_bytes()

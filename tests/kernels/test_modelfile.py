@@ -116,6 +116,28 @@ def test_save_returns_the_manifest_load_reads(tmp_path: Path, params: dict[str, 
     assert {"t": [1, 2]} == written.extra
 
 
+def test_an_ensemble_round_trips(tmp_path: Path) -> None:
+    """A 2-member model: its config, its member-axis tensors and its user vectors."""
+    config = SasrecConfig(num_items=20, max_len=8, dim=16, num_blocks=2, num_heads=2, members=2)
+    params = init_params(jax.random.key(4), config)
+    path = tmp_path / "ensemble.safetensors"
+    save_model(path, params, config, vocabulary=VOCABULARY)
+    loaded = load_model(path)
+    assert (loaded.manifest.config, loaded.params["item_emb"].shape) == (config, (2, 21, 16))
+    seqs = np.array([[0, 0, 0, 0, 3, 1, 4, 1]], np.int32)
+    np.testing.assert_array_equal(
+        np.asarray(encode_users(params, seqs, config=config)),
+        np.asarray(encode_users(loaded.params, seqs, config=loaded.manifest.config)),
+    )
+
+
+def test_a_file_from_before_members_is_one_member(model_path: Path) -> None:
+    """hparams written before the field existed (no "members") load as one member."""
+    with_meta(hparams=hparams_without("members"))(model_path)
+    assert CONFIG == load_model(model_path).manifest.config
+    assert 1 == load_model(model_path).manifest.config.members
+
+
 def test_round_trip_encoder_output(params: dict[str, jax.Array], loaded: LoadedModel) -> None:
     """The encoder gives bit-identical user vectors with the loaded parameters."""
     seqs = jnp.array([[0, 0, 0, 0, 0, 3, 7, 1], [1, 2, 3, 4, 5, 6, 7, 20], [0] * 8])
@@ -307,6 +329,12 @@ BAD_FILES = [
         with_meta(hparams=hparams_with(dropout=1.5)), "bad_manifest", "invalid", id="hp-value"
     ),
     pytest.param(with_meta(hparams=hparams_with(dim=8)), "tensor_shape", "", id="hp-shape"),
+    pytest.param(
+        with_meta(hparams=hparams_with(members=2)), "tensor_shape", "(2, ", id="hp-members"
+    ),
+    pytest.param(
+        with_meta(hparams=hparams_with(members=0)), "bad_manifest", "members", id="hp-no-members"
+    ),
     pytest.param(
         with_meta(hparams=hparams_with(num_items=21), vocab_size="21"),
         "bad_vocabulary",

@@ -5,6 +5,8 @@ the host-scores path and the accelerator (device-gather) path, against float64 n
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.monitoring
 import numpy as np
@@ -232,3 +234,31 @@ def test_bucket_for() -> None:
     assert [bucket_for(n, (1, 4, 16), what="x") for n in (1, 2, 4, 5, 16)] == [1, 4, 4, 16, 16]
     with pytest.raises(ValueError, match="x: at most 16 per call, got 17"):
         bucket_for(17, (1, 4, 16), what="x")
+
+
+@pytest.mark.parametrize("host", [True, False], ids=["host", "device"])
+def test_an_ensemble_ranks_by_the_mean_of_its_members(*, host: bool) -> None:
+    """
+    A 2-member model on both scoring paths: a user's vector from `encode` against the
+    candidates scores the mean of what each member alone scores them (plus features).
+    """
+    config = dataclasses.replace(_CONFIG, members=2)
+    params = {n: np.asarray(v) for n, v in init_params(jax.random.key(3), config).items()}
+    ranker = Ranker(params, config, top_k=5, feature_weights=_WEIGHTS, batch_buckets=_BATCH,
+                    candidate_buckets=_CANDS, host_scores=host,
+                    device=jax.devices("cpu")[0] if host else None)  # fmt: skip
+    ranker.warmup()
+    assert ranker.item_table.shape == (_CONFIG.num_items + 1, 2 * _CONFIG.dim)
+    seqs = np.array([[0, 0, 5, 9, 2, 7], [0, 0, 0, 0, 0, 11]], np.int64)
+    users = ranker.encode(seqs)
+    assert users.shape == (2, 2 * _CONFIG.dim)
+    req = _request(11, 2, 8) | {"user_vecs": users}
+    out = ranker.score(**req)
+    members = []
+    for k in range(2):
+        member = {n: v[k] for n, v in params.items()}
+        vecs = ref.encode_users(member, seqs, num_blocks=2, num_heads=2)
+        members.append(np.einsum("bd,bnd->bn", vecs, member["item_emb"][req["cand_idx"]]))
+    expected = np.mean(members, axis=0) + req["features"].astype(np.float64) @ np.asarray(_WEIGHTS)
+    np.testing.assert_allclose(out.scores[req["where"]], expected[req["where"]], rtol=1e-4,
+                               atol=1e-4)  # fmt: skip

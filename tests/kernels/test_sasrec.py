@@ -18,6 +18,8 @@ from kernels.sasrec import (
     encode_users,
     init_params,
     item_logits,
+    item_table,
+    members_of,
     param_shapes,
     sequence_outputs,
 )
@@ -233,6 +235,7 @@ def test_init_shapes_and_padding_row() -> None:
         ({"num_items": 5, "dim": 10, "num_heads": 3}, "dim"),
         ({"num_items": 5, "dropout": 1.0}, "dropout"),
         ({"num_items": 5, "max_len": 0}, "max_len"),
+        ({"num_items": 5, "members": 0}, "members"),
     ],
 )
 def test_config_rejects_bad_values(kwargs: dict[str, float], field: str) -> None:
@@ -273,3 +276,57 @@ def test_config_round_trips_through_dict() -> None:
     """SasrecConfig(**config.to_dict()) == config."""
     config = _CONFIGS[2]
     assert SasrecConfig(**config.to_dict()) == config
+
+
+# ----------------------------------------------------------------------------- ensembles
+
+
+def _member(params: dict[str, jax.Array], k: int) -> dict[str, jax.Array]:
+    return {name: value[k] for name, value in params.items()}
+
+
+def test_an_ensemble_scores_the_mean_of_its_members() -> None:
+    """
+    A 3-member model's user vectors against its item table give, for every item, the
+    mean of the three members' own scores, at the last slot and at every slot.
+    """
+    config = dataclasses.replace(_CONFIGS[1], members=3)
+    params = init_params(jax.random.key(5), config)
+    seqs = _random_seqs(config, np.random.default_rng(5), 12)
+    users = np.asarray(encode_users(params, seqs, config=config))
+    table = np.asarray(item_table(params))
+    assert (users.shape, table.shape) == ((12, 48), (41, 48))
+    member = config.member
+    alone = [
+        np.asarray(encode_users(_member(params, k), seqs, config=member))
+        @ np.asarray(_member(params, k)["item_emb"]).T
+        for k in range(3)
+    ]
+    np.testing.assert_allclose(users @ table.T, np.mean(alone, axis=0), rtol=1e-4, atol=1e-5)
+    outputs = np.asarray(sequence_outputs(params, seqs, config=config))
+    np.testing.assert_allclose(outputs[:, -1], users, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        np.asarray(item_logits(params, jnp.asarray(users), jnp.array([3, 9]))),
+        (users @ table.T)[:, [3, 9]], rtol=1e-5, atol=1e-6,
+    )
+
+
+def test_an_ensemble_has_a_member_axis_and_distinct_members() -> None:
+    """Every parameter gains a leading axis of size members; members start differently."""
+    config = dataclasses.replace(_CONFIGS[0], members=2)
+    params = init_params(jax.random.key(0), config)
+    single = param_shapes(config.member)
+    assert {n: (2, *shape) for n, shape in single.items()} == param_shapes(config)
+    assert {n: tuple(v.shape) for n, v in params.items()} == param_shapes(config)
+    assert (members_of(params), members_of(_member(params, 0))) == (2, 1)
+    assert not params["item_emb"][:, 0].any()  # both padding rows
+    assert not np.allclose(params["item_emb"][0], params["item_emb"][1])
+    assert (config.vector_dim, config.member.vector_dim, config.member.members) == (32, 16, 1)
+
+
+def test_one_member_is_the_plain_model() -> None:
+    """With one member the item table is item_emb itself, and shapes have no member axis."""
+    config = _CONFIGS[0]
+    params = init_params(jax.random.key(2), config)
+    assert item_table(params) is params["item_emb"]
+    assert param_shapes(config)["item_emb"] == (41, 16)

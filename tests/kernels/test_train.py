@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import time
 from typing import TYPE_CHECKING, Any
 
 import jax
@@ -24,15 +25,24 @@ import pytest
 from jaxcache import fast_compiles
 
 from kernels import train
-from kernels.sasrec import SasrecConfig, encode_users, init_params, param_shapes, sequence_outputs
+from kernels.sasrec import (
+    SasrecConfig,
+    encode_users,
+    init_params,
+    members_of,
+    param_shapes,
+    sequence_outputs,
+)
 from kernels.train import (
     EpochRecord,
     TrainReport,
     default_optimizer,
     fit,
     full_softmax_loss,
+    init_optimizer_state,
     make_evaluator,
     make_train_step,
+    members_that_fit,
     sampled_softmax_loss,
     weight_decay_mask,
 )
@@ -424,7 +434,7 @@ def test_fit_progress_bar_shows_the_running_loss(capsys: pytest.CaptureFixture[s
 def test_train_report_to_dict_is_json() -> None:
     """to_dict gives the records as dicts, and survives a JSON round trip."""
     report = TrainReport(
-        (EpochRecord(1, 2.5, 0.25, 0.5, 0.125),), best_epoch=1, stopped_early=False
+        (EpochRecord(1, 2.5, 0.25, 0.5, 0.125),), best_epoch=1, stopped_early=False, members=3
     )
     expected = {
         "epochs": [
@@ -439,6 +449,7 @@ def test_train_report_to_dict_is_json() -> None:
         "best_epoch": 1,
         "stopped_early": False,
         "time_bound": False,
+        "members": 3,
     }
     assert expected == json.loads(json.dumps(report.to_dict()))
 
@@ -484,3 +495,145 @@ def test_fit_rejects_params_of_another_config() -> None:
     params = fresh_params(0, TINY_CONFIG)
     with pytest.raises(ValueError, match=r"^params: "):
         fit(params, CONFIG, **DATA, epochs=1, batch_size=BATCH, seed=0, progress=False)
+
+
+# ----------------------------------------------------------------------------- ensembles
+
+ENSEMBLE = dataclasses.replace(DROPOUT_CONFIG, members=2)
+
+
+def _member(tree: Any, k: int) -> Any:
+    return jax.tree.map(lambda a: a[k], tree)
+
+
+@pytest.mark.parametrize("loss", ["full", "sampled", "bce"])
+def test_an_ensemble_step_trains_each_member_as_if_alone(loss: str) -> None:
+    """
+    One step of a 2-member model equals, member by member, the one-member step with
+    that member's parameters, optimiser state and key (``split(key, 2)[k]``): members
+    share the batch and nothing else. The loss is the members' mean.
+    """
+    params = fresh_params(3, ENSEMBLE)
+    state = init_optimizer_state(OPTIMIZER, params)
+    x, y = DATA["train_inputs"][:BATCH], DATA["train_targets"][:BATCH]
+    key = jax.random.key(9)
+    both = make_train_step(ENSEMBLE, OPTIMIZER, loss=loss, num_negatives=NEGATIVES)
+    new, new_state, value = both(params, state, x, y, key)
+    alone = make_train_step(ENSEMBLE.member, OPTIMIZER, loss=loss, num_negatives=NEGATIVES)
+    values = []
+    for k, member_key in enumerate(jax.random.split(key, 2)):
+        want, want_state, want_value = alone(_member(params, k), _member(state, k), x, y,
+                                             member_key)  # fmt: skip
+        for name in want:
+            np.testing.assert_allclose(new[name][k], want[name], rtol=1e-5, atol=1e-6)
+        leaves = zip(jax.tree.leaves(_member(new_state, k)), jax.tree.leaves(want_state),
+                          strict=True)  # fmt: skip
+        for got_leaf, want_leaf in leaves:
+            np.testing.assert_allclose(got_leaf, want_leaf, rtol=1e-5, atol=1e-6)
+        values.append(float(want_value))
+    assert float(value) == pytest.approx(np.mean(values), rel=1e-5)
+    assert not np.allclose(new["item_emb"][0], new["item_emb"][1])
+    assert not new["item_emb"][:, 0].any()
+
+
+@pytest.mark.parametrize(
+    ("epoch_s", "remaining_s", "epochs", "kept"),
+    [
+        (3.0, 30.0, 10, 3),  # 10 epochs of 3 members: 30 s, exactly the time left
+        (3.0, 29.9, 10, 2),  # 2 members: 20 s
+        (3.0, 19.9, 10, 1),  # 2 members do not fit; one is all there is
+        (3.0, 0.0, 10, 1),
+        (3.0, 100.0, 0, 3),
+    ],
+)
+def test_members_that_fit(epoch_s: float, remaining_s: float, epochs: int, kept: int) -> None:
+    """The most members whose epochs (in proportion to their count) fit the time left."""
+    assert kept == members_that_fit(3, epoch_s=epoch_s, remaining_s=remaining_s, epochs=epochs)
+
+
+class _FakeEpochs:
+    """An epoch runner that trains nothing: it reports the given durations and scores."""
+
+    def __init__(self, wall_s: list[float], ndcg: list[float]) -> None:
+        self.wall_s, self.ndcg, self.members_seen = wall_s, ndcg, []
+
+    def __call__(self, epoch: int, state: Any, bar: Any) -> tuple[Any, EpochRecord]:
+        del bar
+        self.members_seen.append(state[0]["item_emb"].shape[0])
+        i = epoch - 1
+        return state, EpochRecord(epoch, 1.0, self.ndcg[i], self.ndcg[i], self.wall_s[i])
+
+
+def _loop_state(members: int) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    table = np.arange(members * 4 * 2, dtype=np.float32).reshape(members, 4, 2)
+    return {"item_emb": table}, {"count": np.arange(members)}
+
+
+class _NoBar:
+    def set_description(self, *_: Any) -> None: ...
+    def set_postfix(self, *_: Any, **__: Any) -> None: ...
+
+
+def test_an_ensemble_keeps_the_members_the_deadline_fits() -> None:
+    """
+    After the second epoch, a 3-member ensemble whose epochs take 30 s keeps 2 members
+    when 200 s are left for 8 more epochs at least (2 members: 160 s; 3: 240 s): the
+    later epochs, the optimiser state and the best parameters have 2 members, the
+    first two of the three.
+    """
+    runner = _FakeEpochs([0.1, 30.0, *[0.01] * 4], [0.1, 0.2, 0.3, 0.4, 0.5, 0.6])
+    state = _loop_state(3)
+    params, report = train._train_loop(  # noqa: SLF001 - the loop, with a fake epoch
+        runner, state, epochs=6, patience=3, bar=_NoBar(),
+        deadline=time.perf_counter() + 200.0, min_epochs=10,
+    )  # fmt: skip
+    assert [3, 3, 2, 2, 2, 2] == runner.members_seen
+    assert (report.members, len(report.epochs), report.best_epoch) == (2, 6, 6)
+    np.testing.assert_array_equal(params["item_emb"], state[0]["item_emb"][:2])
+
+
+@pytest.mark.parametrize(
+    ("deadline_s", "min_epochs"),
+    [
+        (None, 10),  # no deadline: nothing to fit
+        (1000.0, 10),  # 8 epochs of 3 members: 240 s
+        (1000.0, None),  # no minimum asked
+    ],
+)
+def test_when_an_ensemble_keeps_all_its_members(
+    deadline_s: float | None, min_epochs: int | None
+) -> None:
+    """Members are cut only with a deadline and a minimum they cannot all fit."""
+    runner = _FakeEpochs([0.1, 30.0, 0.01, 0.01], [0.1, 0.2, 0.3, 0.4])
+    deadline = None if deadline_s is None else time.perf_counter() + deadline_s
+    params, report = train._train_loop(  # noqa: SLF001 - the loop, with a fake epochrunner, _loop_state(3), epochs=4, patience=3,
+                                       bar=_NoBar(), deadline=deadline,
+                                       min_epochs=min_epochs)  # fmt: skip
+    assert ([3, 3, 3, 3], 3, (3, 4, 2)) == (
+        runner.members_seen, report.members, params["item_emb"].shape
+    )
+
+
+def test_an_ensemble_cut_to_one_member_is_a_plain_model() -> None:
+    """
+    When not even two members fit, one is kept, without the member axis; here the
+    deadline also ends training (another 30 s epoch would pass it).
+    """
+    runner = _FakeEpochs([0.1, 30.0, 0.01], [0.1, 0.2, 0.3])
+    state = _loop_state(3)
+    params, report = train._train_loop(  # noqa: SLF001 - the loop, with a fake epochrunner, state, epochs=3, patience=3, bar=_NoBar(),
+                                       deadline=time.perf_counter() + 20.0,
+                                       min_epochs=10)  # fmt: skip
+    assert ([3, 3], 1, True) == (runner.members_seen, report.members, report.time_bound)
+    np.testing.assert_array_equal(params["item_emb"], state[0]["item_emb"][0])
+
+
+def test_fit_trains_an_ensemble() -> None:
+    """fit with a 2-member config returns 2 members, both trained, and says so."""
+    start = fresh_params(1, ENSEMBLE)
+    params, report = run_fit(ENSEMBLE, DATA, epochs=2)
+    assert (report.members, members_of(params)) == (2, 2)
+    for k in range(2):
+        assert not np.allclose(params["item_emb"][k], start["item_emb"][k])
+    ndcg, _ = make_evaluator(ENSEMBLE)(params, DATA["val_inputs"], DATA["val_targets"])
+    assert ndcg == pytest.approx(report.epochs[report.best_epoch - 1].val_ndcg_at_10)
