@@ -6,8 +6,8 @@ Daemon benchmark: a load generator over the real Unix socket of a real `rerankd 
     python bench/bench_daemon.py --smoke    # 500 users, 1 s per cell: bench/run --quick's
 
 What it measures, with the sequential model on (a SASRec model of 10,000 items, L =
-50, d = 64, 2 blocks, random weights: latency does not depend on what it learned) and
-500 candidates per rank request:
+50, d = 64, 2 blocks, random weights: latency does not depend on what it learned; one
+encoder, or an ensemble with ``--members``) and 500 candidates per rank request:
 
 - rank latency p50/p99/p99.9 and throughput at 1, 8, 32 and 128 connections, each a
   closed loop (send, wait for the answer, send again), without and with a concurrent
@@ -56,14 +56,15 @@ _enc = msgspec.json.Encoder()
 # ----------------------------------------------------------------------- set-up
 
 
-def make_model(path: Path) -> None:
-    """A random SASRec model of N_ITEMS items (L = 50, d = 64, 2 blocks)."""
+def make_model(path: Path, members: int = 1) -> None:
+    """A random SASRec model of N_ITEMS items (L = 50, d = 64, 2 blocks; ``members``)."""
     import jax  # noqa: PLC0415 - only the set-up needs JAX in this process
 
     from kernels.modelfile import save_model  # noqa: PLC0415
     from kernels.sasrec import SasrecConfig, init_params  # noqa: PLC0415
 
-    config = SasrecConfig(num_items=N_ITEMS, max_len=50, dim=64, num_blocks=2, num_heads=1)
+    config = SasrecConfig(num_items=N_ITEMS, max_len=50, dim=64, num_blocks=2, num_heads=1,
+                          members=members)  # fmt: skip
     params = init_params(jax.random.key(0), config)
     save_model(path, params, config, vocabulary=[f"sku-{i}" for i in range(N_ITEMS)])
 
@@ -308,17 +309,21 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="3 s per cell instead of 10 s")
     parser.add_argument("--smoke", action="store_true",
                         help="500 users, 1 s per cell, 50 probes: checks that it runs")
+    parser.add_argument("--members", type=int, default=1,
+                        help="serve an ensemble of this many encoders (rerankd train's default "
+                             "is 3; the targets were set for one)")  # fmt: skip
     args = parser.parse_args()
     mode = "smoke" if args.smoke else "quick" if args.quick else "full"
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
-        make_model(tmp / "model.safetensors")
+        make_model(tmp / "model.safetensors", args.members)
         proc, path = start_daemon(tmp)
         try:
             results = asyncio.run(run_all(path, mode))
         finally:
             proc.terminate()
             proc.wait(timeout=60)
+    results["members"] = args.members
     results["targets"] = verdicts(results)
     write_results(results, "daemon", quick=args.quick, smoke=args.smoke)
 

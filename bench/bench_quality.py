@@ -103,12 +103,14 @@ def run_dataset(name: str, seeds: list[int], options: TrainOptions, tmp: Path, *
                                "epochs": trained.report["epochs"],
                                "best_epoch": trained.report["best_epoch"],
                                "time_bound": trained.report["time_bound"],
+                               "members": trained.report["members"],
                                "config": trained.report["config"],
                                "loss": trained.report["loss"]}  # fmt: skip
         for protocol in ("sampled-100", "full"):
             summary, _ = evaluate_model(model, data, protocol=protocol, seed=seed)
             run[protocol] = {k: summary[k] for k in (*FIGURES, "users", "seconds")}
         print(f"   seed {seed}: {run['train_seconds']} s, {run['epochs']} epochs, "
+              f"{run['members']} members, "
               f"sampled-100 HR@10 {run['sampled-100']['hr@10']:.4f} NDCG@10 "
               f"{run['sampled-100']['ndcg@10']:.4f}; full NDCG@10 {run['full']['ndcg@10']:.4f}",
               flush=True)  # fmt: skip
@@ -122,15 +124,21 @@ def run_dataset(name: str, seeds: list[int], options: TrainOptions, tmp: Path, *
     model, holdout = tmp / f"{name}-{seeds[0]}.safetensors", options.holdout
     if holdout is None:
         model, holdout = tmp / f"{name}-replay.safetensors", REPLAY_HOLDOUT
-        train(data, model, dataclasses.replace(
+        replay_model = train(data, model, dataclasses.replace(
             options, seed=0, holdout=holdout,
             max_minutes=min(options.max_minutes, REPLAY_MINUTES)))  # fmt: skip
+        result["replay_model"] = {k: replay_model.report[k] for k in
+                                  ("members", "epochs", "time_bound", "seconds")}  # fmt: skip
     learner = OnlineLearner(OnlineOptions(enabled=True))
     result["replay"] = replay(data, model, holdout=holdout, online=learner)
     r = result["replay"]
     print(f"   replay: frozen NDCG@10 {r['frozen']['ndcg@10']:.4f}, live {r['live']['ndcg@10']:.4f}"
           f" ({r['lift']['ndcg@10']:+.1%}), online {r['online']['ndcg@10']:.4f}"
-          f" ({r['online_lift']['ndcg@10']:+.1%} over live)", flush=True)  # fmt: skip
+          f" ({r['online_lift']['ndcg@10']:+.1%} over live); after a user's first held-out "
+          f"interaction ({r['after_first']['held_out']}): frozen "
+          f"{r['after_first']['frozen']['ndcg@10']:.4f}, live "
+          f"{r['after_first']['live']['ndcg@10']:.4f} "
+          f"({r['after_first']['lift']['ndcg@10']:+.1%})", flush=True)  # fmt: skip
     return result
 
 

@@ -215,6 +215,9 @@ def replay_command(
     for name in ("lift", "online_lift"):
         if name in report:
             rows += [(f"{name} {m}", _percent(v)) for m, v in report[name].items()]
+    after = report["after_first"]
+    rows += [(f"after a user's first: lift {m}", _percent(v)) for m, v in after["lift"].items()]
+    rows += [("after a user's first: held_out", after["held_out"])]
     rows += [(k, report[k]) for k in ("held_out", "skipped", "users", "seconds")]
     from daemon.quality import table  # noqa: PLC0415
 

@@ -27,9 +27,10 @@ Defaults that generalize (chosen from the data, never from the file's name):
   ``max_epochs``, and never past the time budget (``max_minutes``).
 - ``members``: an ensemble of :data:`MEMBERS` encoders trained side by side from
   different initialisations, their scores averaged (:mod:`kernels.sasrec`). Members
-  cost time in proportion, so after the second epoch training keeps only as many as
-  leave time for :data:`ENSEMBLE_MIN_EPOCHS` epochs within the budget (a large data
-  set ends with one).
+  cost time in proportion, so training has as many as leave time for
+  :data:`ENSEMBLE_MIN_EPOCHS` epochs within the budget by an estimate of an epoch's
+  time from the training rows (:func:`affordable_members`; a large data set gets
+  one). An estimate, not a measurement, so that the same seed gives the same model.
 """
 
 from __future__ import annotations
@@ -51,6 +52,7 @@ __all__ = [
     "Dataset",
     "TrainOptions",
     "TrainResult",
+    "affordable_members",
     "evaluate_model",
     "load_dataset",
     "load_log",
@@ -59,12 +61,18 @@ __all__ = [
 ]
 
 DatasetFormat = Literal["sasrec", "movielens"]
-#: A step's logits [B, L, V + 1] of the full softmax, at most (float32: 64 MiB).
+#: A step's logits [members, B, L, V + 1] of the full softmax, at most (float32: 64 MiB).
 FULL_SOFTMAX_LOGITS: Final = 1 << 24
 NEGATIVES: Final = 256
 #: Ensemble members by default, and the epochs each must have time for (see above).
 MEMBERS: Final = 3
 ENSEMBLE_MIN_EPOCHS: Final = 40
+#: One member's epoch, in seconds per padded slot and per attention pair
+#: (:func:`kernels.train.epoch_work`), fitted to the epochs of sasrec-video (8.0 s:
+#: 0.32M slots, 5.7M pairs) and ml-100k (7.5 s: 0.12M slots, 18.7M pairs) on the 2-core
+#: development VM, validation included.
+SECONDS_PER_SLOT: Final = 20e-6
+SECONDS_PER_PAIR: Final = 0.27e-6
 #: Learning-rate decay on a validation plateau: halve it after 3 epochs without gain.
 LR_DECAY_AFTER, LR_DECAY_FACTOR = 3, 0.5
 #: Validation ranks every item for each user each epoch; more users add little.
@@ -251,6 +259,25 @@ def _percentile_len(data: Dataset) -> int:
     return int(min(_MAX_LEN, max(_MIN_LEN, _LEN_STEP * math.ceil(p90 / _LEN_STEP))))
 
 
+def affordable_members(train_inputs: np.ndarray, options: TrainOptions) -> tuple[int, float]:
+    """
+    How many of ``options.members`` fit :data:`ENSEMBLE_MIN_EPOCHS` epochs in the budget.
+
+    ``(members, estimated seconds of one member's epoch)``: the most members ``k`` with
+    ``k * epoch_s * ENSEMBLE_MIN_EPOCHS <= max_minutes``, at least 1, where ``epoch_s``
+    comes from the work of an epoch over ``train_inputs`` (:data:`SECONDS_PER_SLOT`).
+    """
+    from kernels.train import epoch_work  # noqa: PLC0415
+
+    slots, pairs = epoch_work(train_inputs, options.batch_size)
+    epoch_s = slots * SECONDS_PER_SLOT + pairs * SECONDS_PER_PAIR
+    budget_s = options.max_minutes * 60.0
+    for members in range(options.members, 1, -1):
+        if members * epoch_s * ENSEMBLE_MIN_EPOCHS <= budget_s:
+            return members, epoch_s
+    return 1, epoch_s
+
+
 def plan(data: Dataset, options: TrainOptions) -> Plan:
     """The model configuration and loss for ``data`` (module docstring)."""
     from kernels.sasrec import SasrecConfig  # noqa: PLC0415
@@ -271,7 +298,8 @@ def plan(data: Dataset, options: TrainOptions) -> Plan:
     )
     loss = options.loss
     if loss is None:
-        logits = options.batch_size * max_len * (data.num_items + 1)
+        # every member holds its own logits in a step
+        logits = options.batch_size * max_len * (data.num_items + 1) * options.members
         loss = "full" if logits <= FULL_SOFTMAX_LOGITS else "sampled"
     return Plan(config, loss, options.negatives)
 
@@ -322,6 +350,8 @@ def train(
     if len(val) > MAX_VALIDATION_USERS:
         val = np.sort(rng.choice(len(val), MAX_VALIDATION_USERS, replace=False))
     train_inputs, train_targets = _training_rows(data.sequences, split, val, config.max_len)
+    members, epoch_s = affordable_members(train_inputs, options)
+    config = dataclasses.replace(config, members=members)
     seen = [split.seen_of(int(u)) for u in val]
     indptr = np.zeros(len(seen) + 1, np.int64)
     np.cumsum([len(x) for x in seen], out=indptr[1:])
@@ -345,15 +375,14 @@ def train(
         deadline=deadline,
         evaluator=validate,
         lr_decay=(LR_DECAY_AFTER, LR_DECAY_FACTOR),
-        min_epochs=ENSEMBLE_MIN_EPOCHS,
     )
-    config = dataclasses.replace(config, members=report.members)
     best = report.epochs[report.best_epoch - 1]
     summary = {
         "trained_by": "rerankd train",
         **data.describe(),
         "seed": options.seed,
-        "members": report.members,
+        "members": members,
+        "estimated_epoch_s": round(epoch_s, 1),  # one member's, as affordable_members says
         "loss": chosen.loss,
         "negatives": chosen.negatives if chosen.loss == "sampled" else None,
         "epochs": len(report.epochs),

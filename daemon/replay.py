@@ -178,7 +178,9 @@ def replay(
     Returns a JSON-able dict: ``frozen``/``live``/``online`` with ``ndcg@10`` and
     ``hr@10``, ``lift`` (live over frozen, relative) and ``online_lift`` (online over
     live), ``held_out``, ``skipped`` (items the model does not know), ``users``,
-    ``seconds``.
+    ``seconds``; ``after_first``: frozen and live figures and the lift over only the
+    held-out interactions that are not their user's first held-out one (for a user's
+    first, the live state is the cut-off state: both modes rank it alike).
 
     Raises:
         ValueError: the data set has no events (a log), or an option is out of range.
@@ -221,6 +223,13 @@ def replay(
     report: dict[str, Any] = {name: _figures(ranks) for name, ranks in modes.items()}
     report["lift"] = {
         m: _lift(report["live"][m], report["frozen"][m]) for m in ("ndcg@10", "hr@10")
+    }
+    later = np.asarray([h.round > 0 for h in held], bool)
+    after = {name: _figures(modes[name][later]) for name in ("frozen", "live")}
+    report["after_first"] = {
+        **after,
+        "held_out": int(later.sum()),
+        "lift": {m: _lift(after["live"][m], after["frozen"][m]) for m in ("ndcg@10", "hr@10")},
     }
     if online is not None:
         report["online_lift"] = {m: _lift(report["online"][m], report["live"][m])

@@ -47,13 +47,13 @@ __all__ = [
     "TrainReport",
     "bce_loss",
     "default_optimizer",
+    "epoch_work",
     "fit",
     "full_ranking_metrics",
     "full_softmax_loss",
     "init_optimizer_state",
     "make_evaluator",
     "make_train_step",
-    "members_that_fit",
     "sample_negatives",
     "sampled_softmax_loss",
     "weight_decay_mask",
@@ -359,32 +359,21 @@ def init_optimizer_state(optimizer: optax.GradientTransformation, params: Params
     return jax.vmap(optimizer.init)(params)
 
 
-def _first_members(tree: Any, keep: int) -> Any:
+def epoch_work(inputs: np.ndarray, batch_size: int) -> tuple[int, int]:
     """
-    Every array of ``tree`` (parameters or a vmapped optimiser state) cut to ``keep`` members.
+    What one epoch over ``inputs [N, L]`` computes, as :func:`fit` batches it.
 
-    One member loses the member axis: it is then a plain model.
+    ``(slots, pairs)``: the slots of every step (``batch_size`` rows, padded, times its
+    window width; :func:`_length_buckets`), and the query-key pairs of their causal
+    attention (``batch_size * width**2`` a step). An epoch's time is about linear in
+    the two (``daemon.quality`` sizes ensembles with it).
     """
-    return jax.tree.map(lambda a: a[0] if keep == 1 else a[:keep], tree)
-
-
-#: The epoch whose duration decides how many members of an ensemble fit the deadline:
-#: the first one also compiles.
-_MEASURED_EPOCH = 2
-
-
-def members_that_fit(members: int, *, epoch_s: float, remaining_s: float, epochs: int) -> int:
-    """
-    How many of ``members`` can train ``epochs`` more epochs in ``remaining_s`` seconds.
-
-    An epoch of all ``members`` took ``epoch_s``; one of ``k`` members is taken to take
-    ``epoch_s * k / members`` (members cost the same). At least 1.
-    """
-    per_member = epoch_s / members
-    for keep in range(members, 1, -1):
-        if remaining_s >= epochs * per_member * keep:
-            return keep
-    return 1
+    slots = pairs = 0
+    for width, rows in _length_buckets(np.asarray(inputs)).items():
+        steps = -(-len(rows) // batch_size)
+        slots += steps * batch_size * width
+        pairs += steps * batch_size * width * width
+    return slots, pairs
 
 
 # ----------------------------------------------------------------------------- validation
@@ -502,15 +491,14 @@ class TrainReport:
     One record per epoch run; ``best_epoch`` is the 1-based epoch whose parameters were
     returned (best validation NDCG@10, the earliest on ties); ``stopped_early`` says
     whether training stopped before ``epochs``, ``time_bound`` whether the deadline
-    (not patience) stopped it, ``members`` how many ensemble members were kept.
+    (not patience) stopped it, ``members`` how many ensemble members were trained.
     """
 
     epochs: tuple[EpochRecord, ...]
     best_epoch: int
     stopped_early: bool
     time_bound: bool = False
-    #: the members trained and kept (1: not an ensemble); fewer than asked when the
-    #: deadline could not fit them (:func:`fit`'s ``min_epochs``)
+    #: the ensemble members trained (1: not an ensemble)
     members: int = 1
 
     def to_dict(self) -> dict[str, Any]:
@@ -733,16 +721,13 @@ def _train_loop(
     bar: tqdm,
     deadline: float | None = None,
     lr_decay: tuple[int, float] | None = None,
-    min_epochs: int | None = None,
 ) -> tuple[Params, TrainReport]:
     """
     Epochs until ``epochs``, ``patience`` epochs without a better NDCG@10, or the deadline.
 
     Training also stops when another epoch as long as the last would end after
     ``deadline``; with ``lr_decay = (n, f)`` the learning rate is multiplied by ``f``
-    after every ``n`` epochs without a better NDCG@10. An ensemble with a deadline and
-    ``min_epochs`` keeps, after the second epoch, only the members that leave time for
-    ``min_epochs`` epochs in all (:func:`members_that_fit`).
+    after every ``n`` epochs without a better NDCG@10.
     """
     best, records, time_bound = _Best(-math.inf, 0, state[0]), [], False
     for epoch in range(1, epochs + 1):
@@ -756,13 +741,6 @@ def _train_loop(
             break
         elif lr_decay is not None and (epoch - best.epoch) % lr_decay[0] == 0:
             state = (state[0], _scaled_learning_rate(state[1], lr_decay[1]))
-        members = members_of(state[0])
-        if epoch == _MEASURED_EPOCH and members > 1 and deadline is not None and min_epochs:
-            keep = members_that_fit(members, epoch_s=record.wall_s, epochs=min_epochs - epoch,
-                                    remaining_s=deadline - time.perf_counter())  # fmt: skip
-            if keep < members:
-                state = _first_members(state, keep)
-                best = dataclasses.replace(best, params=_first_members(best.params, keep))
         if (
             deadline is not None
             and epoch < epochs
@@ -795,7 +773,6 @@ def fit(
     deadline: float | None = None,
     evaluator: Evaluator | None = None,
     lr_decay: tuple[int, float] | None = None,
-    min_epochs: int | None = None,
 ) -> tuple[Params, TrainReport]:
     """
     Train for up to ``epochs`` and return the parameters of the best validation epoch.
@@ -834,10 +811,6 @@ def fit(
         lr_decay: ``(n, factor)``: multiply the learning rate by ``factor`` after
             every ``n`` epochs without a better validation NDCG@10 (needs an optimizer
             with an injected learning rate, as :func:`default_optimizer` has).
-        min_epochs: with ``deadline``, an ensemble (``config.members > 1``) keeps after
-            its second epoch only as many members as leave time for this many epochs
-            (the report says ``members``); the returned parameters may have fewer
-            members than ``config``.
 
     Returns:
         ``(best_params, report)``.
@@ -860,5 +833,4 @@ def fit(
     state = (params, init_optimizer_state(optimizer, params))
     with tqdm(total=epochs * per_epoch, unit="batch", disable=not progress) as bar:
         return _train_loop(run_epoch, state, epochs=epochs, patience=patience, bar=bar,
-                           deadline=deadline, lr_decay=lr_decay,
-                           min_epochs=min_epochs)  # fmt: skip
+                           deadline=deadline, lr_decay=lr_decay)  # fmt: skip

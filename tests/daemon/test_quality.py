@@ -137,6 +137,11 @@ def test_replay_live_beats_frozen_on_the_cycle(trained: dict[str, Any]) -> None:
     assert report["model_holdout"] == 0.25  # the model never saw the held-out part
     assert report["live"]["ndcg@10"] > report["frozen"]["ndcg@10"]
     assert report["lift"]["ndcg@10"] > 0.1
+    # a user's first held-out step is ranked alike in both modes; the other two differ,
+    # so the lift over those alone is larger
+    after = report["after_first"]
+    assert after["held_out"] == 80 * 2
+    assert after["lift"]["ndcg@10"] > report["lift"]["ndcg@10"]
 
 
 # ----------------------------------------------------------------------------- pure parts
@@ -201,6 +206,29 @@ def test_plan_chooses_length_and_dropout_from_the_data(tmp_path: Path) -> None:
     assert chosen.config.max_len == 200
     assert chosen.config.dropout == 0.2
     assert chosen.loss == "full"  # 30 items: the full softmax is cheap
+
+
+def test_ensemble_size_follows_the_estimated_epoch_and_the_budget() -> None:
+    """
+    256 full rows at L = 200 in batches of 128: 2 steps, 51,200 slots and 10.24M pairs,
+    an estimated 3.79 s a member's epoch, 151.6 s for 40 epochs: 3 members fit 8
+    minutes, 2 fit 5.5, one is all 2 minutes give (and all that was asked, once).
+    """
+    from daemon.quality import (  # noqa: PLC0415
+        ENSEMBLE_MIN_EPOCHS,
+        SECONDS_PER_PAIR,
+        SECONDS_PER_SLOT,
+        affordable_members,
+    )
+
+    rows = np.ones((256, 200), np.int32)
+    epoch_s = 51_200 * SECONDS_PER_SLOT + 10_240_000 * SECONDS_PER_PAIR
+    assert 120 < 40 * epoch_s < 2 * 40 * epoch_s < 330 < 3 * 40 * epoch_s < 480  # as above
+    assert ENSEMBLE_MIN_EPOCHS == 40
+    found = [affordable_members(rows, TrainOptions(max_minutes=m, members=k))
+             for m, k in ((8.0, 3), (5.5, 3), (2.0, 3), (8.0, 1), (8.0, 2))]  # fmt: skip
+    assert [3, 2, 1, 1, 2] == [members for members, _ in found]
+    assert {round(epoch_s, 6)} == {round(e, 6) for _, e in found}
 
 
 def test_remap_drops_items_the_model_does_not_know(tmp_path: Path) -> None:

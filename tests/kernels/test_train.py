@@ -14,7 +14,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import time
 from typing import TYPE_CHECKING, Any
 
 import jax
@@ -37,12 +36,12 @@ from kernels.train import (
     EpochRecord,
     TrainReport,
     default_optimizer,
+    epoch_work,
     fit,
     full_softmax_loss,
     init_optimizer_state,
     make_evaluator,
     make_train_step,
-    members_that_fit,
     sampled_softmax_loss,
     weight_decay_mask,
 )
@@ -536,96 +535,16 @@ def test_an_ensemble_step_trains_each_member_as_if_alone(loss: str) -> None:
     assert not new["item_emb"][:, 0].any()
 
 
-@pytest.mark.parametrize(
-    ("epoch_s", "remaining_s", "epochs", "kept"),
-    [
-        (3.0, 30.0, 10, 3),  # 10 epochs of 3 members: 30 s, exactly the time left
-        (3.0, 29.9, 10, 2),  # 2 members: 20 s
-        (3.0, 19.9, 10, 1),  # 2 members do not fit; one is all there is
-        (3.0, 0.0, 10, 1),
-        (3.0, 100.0, 0, 3),
-    ],
-)
-def test_members_that_fit(epoch_s: float, remaining_s: float, epochs: int, kept: int) -> None:
-    """The most members whose epochs (in proportion to their count) fit the time left."""
-    assert kept == members_that_fit(3, epoch_s=epoch_s, remaining_s=remaining_s, epochs=epochs)
-
-
-class _FakeEpochs:
-    """An epoch runner that trains nothing: it reports the given durations and scores."""
-
-    def __init__(self, wall_s: list[float], ndcg: list[float]) -> None:
-        self.wall_s, self.ndcg, self.members_seen = wall_s, ndcg, []
-
-    def __call__(self, epoch: int, state: Any, bar: Any) -> tuple[Any, EpochRecord]:
-        del bar
-        self.members_seen.append(state[0]["item_emb"].shape[0])
-        i = epoch - 1
-        return state, EpochRecord(epoch, 1.0, self.ndcg[i], self.ndcg[i], self.wall_s[i])
-
-
-def _loop_state(members: int) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
-    table = np.arange(members * 4 * 2, dtype=np.float32).reshape(members, 4, 2)
-    return {"item_emb": table}, {"count": np.arange(members)}
-
-
-class _NoBar:
-    def set_description(self, *_: Any) -> None: ...
-    def set_postfix(self, *_: Any, **__: Any) -> None: ...
-
-
-def test_an_ensemble_keeps_the_members_the_deadline_fits() -> None:
+def test_epoch_work_counts_the_bucketed_steps() -> None:
     """
-    After the second epoch, a 3-member ensemble whose epochs take 30 s keeps 2 members
-    when 200 s are left for 8 more epochs at least (2 members: 160 s; 3: 240 s): the
-    later epochs, the optimiser state and the best parameters have 2 members, the
-    first two of the three.
+    Rows of 1, 2, 3 and 8 items at L = 8 go to windows 1, 2, 4 and 8 (batches of 2:
+    one padded step each): slots 2 * (1 + 2 + 4 + 8), pairs 2 * (1 + 4 + 16 + 64).
+    Three more 1-item rows make the width-1 bucket two steps.
     """
-    runner = _FakeEpochs([0.1, 30.0, *[0.01] * 4], [0.1, 0.2, 0.3, 0.4, 0.5, 0.6])
-    state = _loop_state(3)
-    params, report = train._train_loop(  # noqa: SLF001 - the loop, with a fake epoch
-        runner, state, epochs=6, patience=3, bar=_NoBar(),
-        deadline=time.perf_counter() + 200.0, min_epochs=10,
-    )  # fmt: skip
-    assert [3, 3, 2, 2, 2, 2] == runner.members_seen
-    assert (report.members, len(report.epochs), report.best_epoch) == (2, 6, 6)
-    np.testing.assert_array_equal(params["item_emb"], state[0]["item_emb"][:2])
-
-
-@pytest.mark.parametrize(
-    ("deadline_s", "min_epochs"),
-    [
-        (None, 10),  # no deadline: nothing to fit
-        (1000.0, 10),  # 8 epochs of 3 members: 240 s
-        (1000.0, None),  # no minimum asked
-    ],
-)
-def test_when_an_ensemble_keeps_all_its_members(
-    deadline_s: float | None, min_epochs: int | None
-) -> None:
-    """Members are cut only with a deadline and a minimum they cannot all fit."""
-    runner = _FakeEpochs([0.1, 30.0, 0.01, 0.01], [0.1, 0.2, 0.3, 0.4])
-    deadline = None if deadline_s is None else time.perf_counter() + deadline_s
-    params, report = train._train_loop(  # noqa: SLF001 - the loop, with a fake epochrunner, _loop_state(3), epochs=4, patience=3,
-                                       bar=_NoBar(), deadline=deadline,
-                                       min_epochs=min_epochs)  # fmt: skip
-    assert ([3, 3, 3, 3], 3, (3, 4, 2)) == (
-        runner.members_seen, report.members, params["item_emb"].shape
-    )
-
-
-def test_an_ensemble_cut_to_one_member_is_a_plain_model() -> None:
-    """
-    When not even two members fit, one is kept, without the member axis; here the
-    deadline also ends training (another 30 s epoch would pass it).
-    """
-    runner = _FakeEpochs([0.1, 30.0, 0.01], [0.1, 0.2, 0.3])
-    state = _loop_state(3)
-    params, report = train._train_loop(  # noqa: SLF001 - the loop, with a fake epochrunner, state, epochs=3, patience=3, bar=_NoBar(),
-                                       deadline=time.perf_counter() + 20.0,
-                                       min_epochs=10)  # fmt: skip
-    assert ([3, 3], 1, True) == (runner.members_seen, report.members, report.time_bound)
-    np.testing.assert_array_equal(params["item_emb"], state[0]["item_emb"][0])
+    rows = left_padded([[3], [1, 2], [4, 5, 6], list(range(1, 9))], 8)
+    assert (30, 170) == epoch_work(rows, 2)
+    more = np.concatenate([rows, left_padded([[7], [8], [9]], 8)])
+    assert (32, 172) == epoch_work(more, 2)
 
 
 def test_fit_trains_an_ensemble() -> None:
