@@ -182,6 +182,12 @@ def _quality(r: dict[str, Any], f: _Figures) -> None:
             for metric, value in (rp.get(key) or {}).items():
                 f.add(f"replay {_QUALITY_METRICS[metric][0]} lift, {name}", value, "1",
                       dataset=dataset)
+        after = rp.get("after_first")  # absent from reports before it existed
+        if after is not None:
+            for metric, value in after["lift"].items():
+                f.add(f"replay {_QUALITY_METRICS[metric][0]} lift, live over frozen, after a "
+                      "user's first held-out interaction", value, "1", dataset=dataset,
+                      held_out=after["held_out"])  # fmt: skip
         f.add("replay held-out interactions", rp["held_out"], "1", dataset=dataset)
         f.add("replay time", rp["seconds"], "s", dataset=dataset)
 

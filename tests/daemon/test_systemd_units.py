@@ -225,7 +225,8 @@ def test_the_timer_runs_train_log_and_the_daemon_reloads_its_output() -> None:
     """
     The timer starts rerankd-retrain.service, which runs `rerankd train --log` on the
     daemon's config and writes the file the daemon serves (rerankd-system.toml sets no
-    model_path: <data_dir>/model.safetensors), then reloads the running daemon.
+    model_path: <data_dir>/model.safetensors), one encoder, then reloads the running
+    daemon.
     """
     from daemon._model import TRAINED_MODEL  # noqa: PLC0415 - it imports JAX
     from daemon.config import load_config  # noqa: PLC0415
@@ -243,6 +244,7 @@ def test_the_timer_runs_train_log_and_the_daemon_reloads_its_output() -> None:
     config = load_config(UNITS / "rerankd-system.toml")
     assert config.ranking.model_path is None
     assert Path(options["--out"]) == config.store.data_dir / TRAINED_MODEL
+    assert options["--members"] == "1"  # the daemon's latency over an ensemble's quality
     assert ["+/bin/systemctl try-reload-or-restart rerankd.service"] == _unit_values(
         "ExecStartPost", RETRAIN
     )
