@@ -56,6 +56,7 @@ from daemon._model import (
 )
 from daemon._plugins import Plugins, check_user_ids, load_plugins
 from daemon._retention import RetentionSweeper
+from daemon._stopping import cancel_dump, dump_threads_later, hurry
 from daemon.autotrain import train_from_log
 from daemon.candidates import Candidates
 from daemon.config import DEFAULTS_SOURCE, Config, load_config
@@ -1012,7 +1013,10 @@ async def _main(config: Config) -> int:
         await _serve(service, server, shutdown)
     finally:
         notify("STOPPING=1")
-        await asyncio.to_thread(service.close)
+        try:
+            await asyncio.to_thread(service.close)
+        finally:
+            cancel_dump()
         if socket_path is not None:
             with contextlib.suppress(FileNotFoundError):
                 socket_path.unlink()
@@ -1043,33 +1047,46 @@ def _settle_garbage_collector() -> None:
 
 async def _serve(service: Service, server: Server, shutdown: asyncio.Event) -> None:
     assert service.batcher is not None
+    tasks: list[asyncio.Task[Any]] = []
+    hurrying: set[asyncio.Task[None]] = set()
     try:
         async with asyncio.TaskGroup() as tg:
-            tg.create_task(service.batcher.run(), name="daemon[ranking].batcher")
-            tg.create_task(_watchdog(), name="daemon[systemd].watchdog")
-            tg.create_task(service.flush_impressions(), name="daemon[ranking].impressions")
+
+            def start(coro: Any, name: str) -> None:
+                tasks.append(tg.create_task(coro, name=name))
+
+            start(service.batcher.run(), "daemon[ranking].batcher")
+            start(_watchdog(), "daemon[systemd].watchdog")
+            start(service.flush_impressions(), "daemon[ranking].impressions")
             if service.retention is not None:
-                tg.create_task(service.retention.run(), name="daemon[store].retention")
+                start(service.retention.run(), "daemon[store].retention")
             for feed in service.feeds:
-                tg.create_task(feed.run(), name=f"daemon[feeds].{feed.name}")
+                start(feed.run(), f"daemon[feeds].{feed.name}")
             if service.config.ranking.refresh_vectors:
-                tg.create_task(service.refresh_vectors(), name="daemon[ranking].refresher")
-            tg.create_task(service.refresh_cold_start(), name="daemon[ranking].cold_start")
+                start(service.refresh_vectors(), "daemon[ranking].refresher")
+            start(service.refresh_cold_start(), "daemon[ranking].cold_start")
             if service.config.online.enabled:
-                tg.create_task(service.online_step(), name="daemon[ranking].online")
-            tg.create_task(
-                _stop_on(shutdown, server, service.config.server.graceful_timeout_s),
-                name="daemon[main].shutdown",
-            )
+                start(service.online_step(), "daemon[ranking].online")
+            start(_stop_on(shutdown, server, service.config.server.graceful_timeout_s,
+                           tasks, hurrying), "daemon[main].shutdown")  # fmt: skip
     except* ShutdownRequested:
         pass
+    finally:
+        for task in hurrying:
+            task.cancel()
 
 
-async def _stop_on(shutdown: asyncio.Event, server: Server, graceful_timeout_s: float) -> None:
+async def _stop_on(
+    shutdown: asyncio.Event, server: Server, graceful_timeout_s: float,
+    tasks: Sequence[asyncio.Task[Any]], hurrying: set[asyncio.Task[None]],
+) -> None:  # fmt: skip
     await shutdown.wait()
+    dump_threads_later()  # a stop that a blocked thread holds up leaves a trace
     notify("STOPPING=1")
     _log.info("stopping", connections=server.connections)
     await server.stop(graceful_timeout_s=graceful_timeout_s)
+    # the TaskGroup cancels the tasks now; one that misses it is cancelled again
+    hurrying.add(asyncio.create_task(hurry(tasks), name="daemon[main].hurry"))
     raise ShutdownRequested
 
 

@@ -108,7 +108,14 @@ class Daemon:
         """Send ``sig`` and return the exit status."""
         if self.proc.poll() is None:
             self.proc.send_signal(sig)
-        code = self.proc.wait(timeout=60)
+        try:
+            code = self.proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            # its stopping_slow warnings and (after 30 s) every thread's stack are there
+            log = (self.tmp / "daemon.log").read_text(errors="replace")[-8000:]
+            pytest.fail(f"no exit within 60 s of signal {sig}; log:\n{log}")
         self.stdout.close()
         return code
 

@@ -90,7 +90,7 @@ from aiokafka.errors import (
 )
 
 from daemon.config import KafkaSection
-from daemon.feeds.sink import Backoff, FeedSink, read_secret
+from daemon.feeds.sink import Backoff, FeedSink, raise_if_cancelling, read_secret
 
 __all__ = ["KafkaFeed", "client_options", "publish"]
 
@@ -193,7 +193,9 @@ class KafkaFeed:
                 try:
                     await self._run_session()
                 except Exception as e:  # noqa: BLE001 - the feed outlives any one consumer
+                    raise_if_cancelling(e)
                     self._failed(e)
+                raise_if_cancelling()
                 # a consumer that ran a while was healthy: its end starts a new series
                 # of retries; one that fails soon after each start backs off further
                 if loop.time() - started > self._backoff.max_s:
@@ -232,6 +234,7 @@ class KafkaFeed:
             if producer is not None:
                 await producer.start()
             await consumer.start()  # bootstraps and waits for the first assignment
+            raise_if_cancelling()
             self._set_connected(connected=True)
             async with asyncio.TaskGroup() as tg:
                 tg.create_task(session.consume(), name="daemon[feeds].kafka.consume")

@@ -51,7 +51,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from daemon.config import MqttSection
-from daemon.feeds.sink import Backoff, FeedSink, read_secret
+from daemon.feeds.sink import Backoff, FeedSink, raise_if_cancelling, read_secret
 
 __all__ = ["BrokerAddress", "MqttFeed", "parse_url", "publish", "read_in_bursts"]
 
@@ -250,7 +250,7 @@ class MqttFeed:
             try:
                 await self._connect_and_consume()
             except aiomqtt.MqttError as e:
-                _raise_if_cancelling(e)  # aiomqtt's __aexit__ replaced our CancelledError
+                raise_if_cancelling(e)  # aiomqtt's __aexit__ replaced our CancelledError
                 was_up = self.connected
                 if was_up:
                     self.disconnects += 1
@@ -270,7 +270,7 @@ class MqttFeed:
         client, paho = self._client()
         async with client:
             await self._subscribe(client)
-            _raise_if_cancelling()
+            raise_if_cancelling()
             self._on_connected(session_present=paho.session_present)  # connected: consuming
             self._backoff.reset()
             if not self._had_session:
@@ -331,7 +331,7 @@ class MqttFeed:
         most = self._section.receive_maximum
         flooded = False
         while True:
-            _raise_if_cancelling()
+            raise_if_cancelling()
             # the first one through aiomqtt (it raises when the connection drops), the
             # rest of the batch straight from the queue: aiomqtt's iterator costs a
             # task and an asyncio.wait per message, which under load is most of the feed
@@ -421,20 +421,6 @@ class _Inbox(asyncio.Queue[aiomqtt.Message]):
                 batch.append(self.get_nowait())
             except asyncio.QueueEmpty:
                 return
-
-
-def _raise_if_cancelling(cause: BaseException | None = None) -> None:
-    """
-    Raise CancelledError if the running task was cancelled but carries on.
-
-    aiomqtt awaits the broker with ``asyncio.wait_for``, which on Python 3.11 returns
-    the result, swallowing the cancellation, when both arrive in the same turn
-    (fixed in 3.12); and its ``__aexit__`` can replace a CancelledError with an
-    MqttError. Either would keep the feed running through the daemon's shutdown.
-    """
-    task = asyncio.current_task()
-    if task is not None and task.cancelling():
-        raise asyncio.CancelledError from cause
 
 
 def _payload(message: aiomqtt.Message) -> bytes:

@@ -34,7 +34,7 @@ from eventstore import BackpressureError, EventDecoder, StoreError, StoreFullErr
 from eventstore.log import AppendResult, Position, Positions
 from eventstore.schema import Event, EventRejectedError
 
-__all__ = ["Backoff", "FeedSink", "read_secret"]
+__all__ = ["Backoff", "FeedSink", "raise_if_cancelling", "read_secret"]
 
 _log = structlog.get_logger("daemon.feeds")
 #: How often a paused append checks whether the storage condition has ended.
@@ -86,6 +86,22 @@ def read_secret(name: str, *, what: str) -> str:
     except OSError as e:
         msg = f"{what}: cannot read {path} ({e.strerror})"
         raise ValueError(msg) from None
+
+
+def raise_if_cancelling(cause: BaseException | None = None) -> None:
+    """
+    Raise CancelledError if the running task was cancelled but carries on.
+
+    aiomqtt awaits the broker with ``asyncio.wait_for``, which on Python 3.11 returns
+    the result, swallowing the cancellation, when both arrive in the same turn
+    (fixed in 3.12); its ``__aexit__`` can replace a CancelledError with an
+    MqttError; aiokafka's ``start`` and ``stop`` await tasks of their own that they
+    cancel and that end without raising. Each would keep a feed running through the
+    daemon's shutdown.
+    """
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError from cause
 
 
 class FeedSink:
