@@ -278,6 +278,7 @@ def _kernels_table(figures: list[Figure]) -> list[str]:
 _SPECIAL = {"daemon": _daemon_table, "kernels": _kernels_table}
 TITLES = {"eventstore": "Event store", "kernels": "Kernels", "daemon": "Daemon",
           "feeds": "Feeds", "quality": "Model quality", "policies": "Ranking policies (MMR)",
+          "online": "Online learning step",
           "soak": "Soak"}  # fmt: skip
 
 

@@ -207,6 +207,16 @@ def _policies(r: dict[str, Any], f: _Figures) -> None:
         f.add("training time", d["timings"]["train_s"], "s", dataset=dataset)
 
 
+def _online(r: dict[str, Any], f: _Figures) -> None:
+    for row in r["rows"]:
+        where = {"items": row["items"], "examples": row["examples"],
+                 "embeddings": row["embeddings"]}  # fmt: skip
+        f.add("online step and publish", row["p50_ms"], "ms", stat="p50", **where)
+        f.add("online step and publish", row["p99_ms"], "ms", stat="p99", **where)
+        f.add("online learner arrays", row["learner_mb"], "MB", **where)
+        f.add("online published arrays", row["published_mb"], "MB", **where)
+
+
 def _soak(r: dict[str, Any], f: _Figures) -> None:
     """The contract's figures (tmp/soakschema.md): run shape and what the samples show."""
     samples = r["samples"]
@@ -243,6 +253,7 @@ EXTRACTORS: dict[str, Callable[[dict[str, Any], _Figures], None]] = {
     "feeds": _feeds,
     "quality": _quality,
     "policies": _policies,
+    "online": _online,
     "soak": _soak,
 }
 

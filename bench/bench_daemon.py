@@ -7,7 +7,8 @@ Daemon benchmark: a load generator over the real Unix socket of a real `rerankd 
 
 What it measures, with the sequential model on (a SASRec model of 10,000 items, L =
 50, d = 64, 2 blocks, random weights: latency does not depend on what it learned; one
-encoder, or an ensemble with ``--members``) and 500 candidates per rank request:
+encoder, or an ensemble with ``--members``; the online learning step with ``--online``)
+and 500 candidates per rank request:
 
 - rank latency p50/p99/p99.9 and throughput at 1, 8, 32 and 128 connections, each a
   closed loop (send, wait for the answer, send again), without and with a concurrent
@@ -312,18 +313,22 @@ def main() -> None:
     parser.add_argument("--members", type=int, default=1,
                         help="serve an ensemble of this many encoders (rerankd train's default "
                              "is 3; the targets were set for one)")  # fmt: skip
+    parser.add_argument("--online", action="store_true",
+                        help="with the online learning step on ([online].enabled, its "
+                             "default rates): what it costs the request path")  # fmt: skip
     args = parser.parse_args()
     mode = "smoke" if args.smoke else "quick" if args.quick else "full"
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
         make_model(tmp / "model.safetensors", args.members)
-        proc, path = start_daemon(tmp)
+        proc, path = start_daemon(tmp, "[online]\nenabled = true\n" if args.online else "")
         try:
             results = asyncio.run(run_all(path, mode))
         finally:
             proc.terminate()
             proc.wait(timeout=60)
     results["members"] = args.members
+    results["online"] = args.online
     results["targets"] = verdicts(results)
     write_results(results, "daemon", quick=args.quick, smoke=args.smoke)
 

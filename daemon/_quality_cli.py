@@ -16,6 +16,10 @@ from typing import Any
 import click
 
 from daemon._cli_socket import CliError
+from daemon.online import OnlineOptions
+
+#: the [online] defaults, which `replay --online` measures unless told otherwise
+ONLINE_DEFAULTS = OnlineOptions()
 
 __all__ = ["eval_command", "replay_command", "train_command"]
 
@@ -179,11 +183,16 @@ def eval_command(
               help="Sampled negatives ranked with each held-out item.")
 @click.option("--online/--no-online", default=False, show_default=True,
               help="Also measure the online learning step on top of live state.")
+@click.option("--embedding-learning-rate", default=ONLINE_DEFAULTS.embedding_learning_rate,
+              show_default=True,
+              type=click.FloatRange(min=0),
+              help="With --online: the rate the step moves the item embeddings at "
+              "([online].embedding_learning_rate; 0: biases only).")
 @_seed
 @_json
 def replay_command(
     *, dataset: Path | None, fmt: str | None, model_path: Path, holdout: float,
-    negatives: int, online: bool, seed: int, as_json: bool,
+    negatives: int, online: bool, embedding_learning_rate: float, seed: int, as_json: bool,
 ) -> None:  # fmt: skip
     """
     Frozen vs live state: rank each held-out interaction with each; report the lift.
@@ -197,9 +206,11 @@ def replay_command(
     data = _load(dataset, fmt)
     learner = None
     if online:
-        from daemon.online import OnlineLearner, OnlineOptions  # noqa: PLC0415
+        from daemon.online import OnlineLearner  # noqa: PLC0415
 
-        learner = OnlineLearner(OnlineOptions(enabled=True, seed=seed))
+        options = OnlineOptions(enabled=True, seed=seed,
+                                embedding_learning_rate=embedding_learning_rate)  # fmt: skip
+        learner = OnlineLearner(options)
     try:
         report = replay(data, model_path, holdout=holdout, negatives=negatives, seed=seed,
                         online=learner)  # fmt: skip

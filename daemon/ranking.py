@@ -37,6 +37,7 @@ always visible: ``ingest`` answers after the fold, so the next ``rank`` reads th
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import threading
 import time
@@ -88,6 +89,8 @@ class _Batch:
     cold: ColdTable | None = None  # the cold-start table the batch used, if any
     #: the weights of ``features``' columns: FEATURES, then 1.0 for the online bias if any
     weights: np.ndarray | None = None
+    #: ``table``'s model rows are the online step's, not the model's (`set_item_table`)
+    moved: bool = False
 
 
 @dataclass(slots=True)
@@ -170,6 +173,9 @@ class Ranking:
         self._cold: ColdTable | None = None
         # (the model it was learnt for, item biases [V + 1]): set_item_bias, read once per batch
         self._online: tuple[Ranker, np.ndarray] | None = None
+        # (the model it was learnt for, its item table [V + 1, d] moved by the online
+        # step): set_item_table, read once per batch
+        self._online_table: tuple[Ranker, np.ndarray] | None = None
         self._index_of: tuple[Sequence[str], dict[str, int]] | None = None  # model_index's
         #: called with (the old vector, model indices of the items interacted with since)
         #: whenever a cached user vector is re-encoded: the online learning step's examples
@@ -392,8 +398,13 @@ class Ranking:
             if cold.n_rows == len(model_of_row):
                 return False
             previous = cold  # the same model, state and groups: place the new items only
-        self._cold = build_cold_table(state, model_of_row, ranker.item_table, model=ranker,
-                                      built_at=now, previous=previous)  # fmt: skip
+        # a full build starts from the online step's rows, if it moved the model's; a
+        # build on ``previous`` keeps its rows, which set_item_table keeps up to date
+        # (both run on one thread in the daemon)
+        table = self._current_table()
+        assert table is not None
+        self._cold = build_cold_table(state, model_of_row, table, model=ranker, built_at=now,
+                                      previous=previous)  # fmt: skip
         return True
 
     # ------------------------------------------------------------ online biases
@@ -413,6 +424,26 @@ class Ranking:
             return
         self._online = (ranker, np.asarray(bias, np.float32))
 
+    def set_item_table(self, table: np.ndarray | None) -> None:
+        """
+        Score the model's items against ``table`` instead of the model's own, from the next batch.
+
+        From the online learning step (`daemon.online`): float32, the shape of the
+        served model's item table (one learnt for another model, after a swap, is
+        ignored), handed over whole and never changed afterwards; None goes back to
+        the model's table.
+        """
+        ranker = self.ranker
+        if table is None or ranker is None or table.shape != ranker.item_table.shape:
+            self._online_table = None
+            return
+        table = np.asarray(table, np.float32)
+        self._online_table = (ranker, table)
+        cold = self._cold
+        if cold is not None and cold.model is ranker:  # its model rows, moved the same way
+            rows = np.concatenate([table, cold.table[cold.first_cold :]])
+            self._cold = dataclasses.replace(cold, table=rows)
+
     def cached_vector(self, user_row: int) -> np.ndarray | None:
         """The user vector last used for ``user_row`` (None when none is cached)."""
         cached = self._vectors.get(user_row)
@@ -428,6 +459,13 @@ class Ranking:
     def _current_bias(self) -> np.ndarray | None:
         online = self._online
         return online[1] if online is not None and online[0] is self.ranker else None
+
+    def _current_table(self) -> np.ndarray | None:
+        """The item table scores are taken against: the online step's, else the model's."""
+        ranker, online = self.ranker, self._online_table
+        if online is not None and online[0] is ranker:
+            return online[1]
+        return None if ranker is None else ranker.item_table
 
     def _current_cold(self, state: State) -> ColdTable | None:
         """The published cold-start table, if it belongs to this model and state."""
@@ -458,11 +496,9 @@ class Ranking:
         now = self._now(state, rows)
         features_batch(rows, offsets, user_rows, *columns, state.K, now,
                        state.config.half_life_s, features)  # fmt: skip
-        table = None
-        if cold is not None:
-            table = cold.table
-        elif self.ranker is not None:
-            table = self.ranker.item_table
+        table = cold.table if cold is not None else self._current_table()
+        online = self._online_table
+        moved = online is not None and online[0] is self.ranker
         weights = self.weights
         if bias is not None:  # model indices only: before the cold rows take their places
             features[:, len(FEATURES)] = bias[np.minimum(models, len(bias) - 1)] * (models > 0)
@@ -470,7 +506,7 @@ class Ranking:
         # called for every batch, so that the start's warm-up batch compiles it too
         apply_cold_rows(rows, models, _NO_COLD if cold is None else cold.index_of_row)
         return _Batch(requests, offsets, user_rows, rows, models, features, state, now, table,
-                      cold, weights)  # fmt: skip
+                      cold, weights, moved)  # fmt: skip
 
     # --------------------------------------------------------------- vectors
 
@@ -593,6 +629,7 @@ class Ranking:
             is_cold = idx >= batch.cold.first_cold
             idx = np.where(is_cold, 0, idx)
         scored = self.ranker.score(vectors, idx, where=where, features=feats)
+        model_table = self.ranker.item_table
         out = []
         for k, request in enumerate(batch.requests):
             n = int(sizes[k])
@@ -600,12 +637,17 @@ class Ranking:
             top = scored.top_idx[k]
             cold = np.flatnonzero(is_cold[k, :n]) if has_vector[k] else ()
             biased = batch.features.shape[1] > len(FEATURES)
-            if len(cold) or biased:
+            moved = batch.moved and bool(has_vector[k])
+            if len(cold) or biased or moved:
                 assert batch.table is not None
                 scores = scores.copy()
                 scores[cold] += batch.table[cold_idx[k, cold]] @ vectors[k]
                 if biased:  # the online bias, which the device's kernel does not know
                     scores += batch.features[offsets[k] : offsets[k + 1], len(FEATURES)]
+                if moved:  # the online step's change to the rows the kernel scored
+                    known = idx[k, :n]
+                    change = batch.table[known] - model_table[known]
+                    scores += np.where(known > 0, change @ vectors[k], np.float32(0))
                 order = np.argsort(-scores, kind="stable")[: None if self.policies else request.k]
             elif request.k is not None and request.k <= len(top) and not self.policies:
                 order = top[: request.k][top[: request.k] >= 0]  # same order as a stable sort

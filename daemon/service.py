@@ -439,14 +439,16 @@ class Service:
 
     async def online_step(self) -> None:
         """
-        ``[online]``: every ``interval_s``, one SGD step on the item biases, then publish them.
+        ``[online]``: every ``interval_s``, one SGD step, then publish what it moved.
 
-        The step learns from the examples the ranking handed over since the last one
+        The step moves the item biases (and, with ``embedding_learning_rate``, the
+        item table). It learns from the examples the ranking handed over since the last one
         (`daemon.online`).
 
         On the cold-start thread, not the kernel thread: a step over many examples
-        takes milliseconds that encodes would otherwise wait behind. After a model
-        swap the learner starts again from zero biases for the new model.
+        takes milliseconds that encodes would otherwise wait behind; the publishing
+        too (a new item table is a copy), and there it cannot race a cold-start build.
+        After a model swap the learner starts again from the new model.
         """
         assert self.ranking is not None
         ranking, loop = self.ranking, asyncio.get_running_loop()
@@ -458,8 +460,7 @@ class Service:
             if ranking.ranker is None or learner.model is not ranking.ranker:
                 continue
             try:
-                if await loop.run_in_executor(self._cold_start_thread, learner.step):
-                    learner.publish()
+                await loop.run_in_executor(self._cold_start_thread, learner.step_and_publish)
             except Exception:  # noqa: BLE001 - the biases stay as they were; ranking goes on
                 _log.exception("online_step_failed")
 
@@ -885,7 +886,8 @@ class Service:
                               if self.model.ranker is not None else None),
             "warmup_s": round(self.model.warmup_s, 3),
             "compile_count": self._compile_count(),
-            "online": ({"examples": self.online.examples, "steps": self.online.steps}
+            "online": ({"examples": self.online.examples, "steps": self.online.steps,
+                        "dropped": self.online.dropped}
                        if self.online is not None else None),
             "feeds": {feed.name: feed.stats() | {"storage_paused": self._feed_paused(feed.name)}
                       for feed in self.feeds},

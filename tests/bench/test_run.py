@@ -27,7 +27,8 @@ RUN = ROOT / "bench" / "run"
 #: the checkout (as other data tests skip then), --quick runs the other four only
 DATASETS = Path(os.environ.get("RERANKD_DATASETS") or ROOT.parent / "shared" / "datasets")
 HAVE_DATA = (DATASETS / "ml-100k" / "u.data").is_file()
-QUICK = {"eventstore", "kernels", "daemon", "feeds"} | ({"quality"} if HAVE_DATA else set())
+QUICK = {"eventstore", "kernels", "daemon", "feeds", "online"} | (
+    {"quality"} if HAVE_DATA else set())  # fmt: skip
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 #: the summary's target lines: "  VERDICT  BENCH  TARGET  ->  MEASURED[  [NOTE]]"
 TARGET_LINE = re.compile(r"^  (MET|MISSED) +(\S+) +(.*?)  ->  (.*?)(?:  \[(.*)\])?$")

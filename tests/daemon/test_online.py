@@ -175,3 +175,195 @@ def test_the_daemon_learns_item_biases_online_when_enabled(tmp_path: Path) -> No
             assert online["steps"] >= 1
     finally:
         daemon.close()
+
+
+# ------------------------------------------------------------ item embeddings
+
+
+def test_the_embedding_step_follows_the_softmax_gradient() -> None:
+    """The table change after one step is -rate times d(cross-entropy)/d(row), numerically."""
+    ranking, _ = _ranking()
+    options = OnlineOptions(enabled=True, learning_rate=1e-9, negatives=5, l2=0.0,
+                            embedding_learning_rate=1e-3, seed=11)  # fmt: skip
+    learner = OnlineLearner(options)
+    learner.attach(ranking)
+    assert ranking.ranker is not None
+    table = ranking.ranker.item_table.astype(np.float64)
+    vector = np.random.default_rng(5).normal(size=table.shape[1]).astype(np.float32)
+    positive = 7
+    learner.observe(vector, np.asarray([positive]))
+    # the learner's negatives, drawn as it draws them
+    negs = np.random.default_rng(options.seed).integers(1, table.shape[0], size=(1, 5))[0]
+    assert positive not in negs  # this seed draws no collision with the positive
+    cands = np.concatenate([[positive], negs])
+
+    def loss(t: np.ndarray) -> float:
+        logits = t[cands] @ vector.astype(np.float64)
+        return float(np.log(np.exp(logits - logits.max()).sum()) + logits.max() - logits[0])
+
+    expected = np.zeros_like(table)
+    eps = 1e-4
+    for row in set(cands.tolist()):
+        for j in range(table.shape[1]):
+            up, down = table.copy(), table.copy()
+            up[row, j] += eps
+            down[row, j] -= eps
+            expected[row, j] = -1e-3 * (loss(up) - loss(down)) / (2 * eps)
+    assert learner.step() == 1
+    change = learner.table_change
+    assert change is not None
+    np.testing.assert_allclose(change, expected, atol=2e-7)
+    assert np.any(change[positive] != 0)
+    # the positive moves towards the vector, the negatives away from it
+    assert float(change[positive] @ vector) > 0
+    assert all(float(change[n] @ vector) < 0 for n in negs)
+
+
+def test_without_an_embedding_rate_the_table_stays_the_model_s() -> None:
+    ranking, state = _ranking()
+    learner = OnlineLearner(OnlineOptions(enabled=True, learning_rate=0.5,
+                                          embedding_learning_rate=0.0))  # fmt: skip
+    learner.attach(ranking)
+    _interact(ranking, state, learner, "u2", "m5")
+    assert learner.examples == 1
+    assert learner.table_change is None
+    assert ranking._current_table() is ranking.ranker.item_table  # noqa: SLF001
+
+
+@pytest.mark.parametrize("host", [True, False], ids=["host", "device"])
+def test_a_published_item_table_moves_the_scores_by_the_dot_product(host: bool) -> None:  # noqa: FBT001
+    ranking, state = _ranking(host=host)
+    items, scores = _rank(ranking)
+    before = dict(zip(items, scores, strict=True))
+    assert ranking.ranker is not None
+    vector = ranking.cached_vector(state.user_index["u1"])
+    assert vector is not None
+    change = np.zeros_like(ranking.ranker.item_table)
+    last, first = items[-1], items[0]
+    change[ranking.model_index(last)] = 50.0 * vector / float(vector @ vector)  # +50
+    change[ranking.model_index(first)] = np.random.default_rng(1).normal(size=vector.shape)
+    ranking.set_item_table(ranking.ranker.item_table + change)
+    items, scores = _rank(ranking)
+    after = dict(zip(items, scores, strict=True))
+    assert items[0] == last
+    for item, score in after.items():
+        expected = before[item] + float(change[ranking.model_index(item)] @ vector)
+        assert score == pytest.approx(expected, abs=1e-3)
+    ranking.set_item_table(np.ones((3, 2), np.float32))  # another model's shape: ignored
+    assert dict(zip(*_rank(ranking), strict=True)) == pytest.approx(before, abs=1e-4)
+
+
+@pytest.mark.parametrize("host", [True, False], ids=["host", "device"])
+def test_the_published_table_and_the_cold_start_rows_work_together(host: bool) -> None:  # noqa: FBT001
+    """
+    With cold-start rows in use, a published table moves the model's items and leaves
+    the new item's cold vector as it was; a cold-start build keeps the moved rows.
+    """
+    ranking, state = _ranking(host=host)
+    project(state, [Clicked(id=f"n{n}", ts=T + n, user=f"u{n % 4}", item="new-item")
+                    for n in range(5)])  # fmt: skip
+    candidates = ["new-item", "m3", "m6", "m9"]
+
+    def scores() -> dict[str, float]:
+        [answer] = ranking.rank_batch([Rank(user="u1", candidates=candidates)])
+        return dict(zip(answer.items, answer.scores, strict=True))
+
+    scores()  # syncs the catalogue with the state
+    assert ranking.refresh_cold_start()
+    before = scores()
+    assert ranking.ranker is not None
+    vector = ranking.cached_vector(state.user_index["u1"])
+    assert vector is not None
+    change = np.zeros_like(ranking.ranker.item_table)
+    change[ranking.model_index("m6")] = 3.0 * vector / float(vector @ vector)  # +3
+    ranking.set_item_table(ranking.ranker.item_table + change)
+    after = scores()
+    assert after["m6"] == pytest.approx(before["m6"] + 3.0, abs=1e-3)
+    for item in ("new-item", "m3", "m9"):
+        assert after[item] == pytest.approx(before[item], abs=1e-4)
+    project(state, [Clicked(id="n9", ts=T + 9, user="u2", item="newer-item")])
+    candidates.append("newer-item")
+    scores()
+    assert ranking.refresh_cold_start()  # places newer-item only, on the moved rows
+    again = scores()
+    assert again["m6"] == pytest.approx(after["m6"], abs=1e-3)
+
+
+def test_a_cold_start_build_after_a_published_table_starts_from_its_rows() -> None:
+    ranking, state = _ranking()
+    project(state, [Clicked(id="n0", ts=T, user="u1", item="new-item")])
+    assert ranking.ranker is not None
+    moved = ranking.ranker.item_table + np.float32(0.25)
+    ranking.set_item_table(moved)
+    _rank(ranking)  # syncs the catalogue with the state
+    assert ranking.refresh_cold_start()
+    cold = ranking._cold  # noqa: SLF001
+    assert cold is not None
+    assert cold.size == 1
+    np.testing.assert_array_equal(cold.table[: cold.first_cold], moved)
+
+
+def test_the_daemon_moves_item_embeddings_online_when_asked(tmp_path: Path) -> None:
+    """
+    A real daemon with [online].embedding_learning_rate: clicks on m7 by three users
+    move m7's row of the table, which shows in another user's model score for it
+    (the online bias, at a negligible rate, stays 0).
+    """
+    import time  # noqa: PLC0415
+
+    from daemons import Daemon, poll  # noqa: PLC0415
+
+    from kernels.modelfile import save_model  # noqa: PLC0415
+
+    params = {k: np.asarray(v) for k, v in init_params(jax.random.key(3), CONFIG).items()}
+    model = tmp_path / "model.safetensors"
+    save_model(model, params, CONFIG, vocabulary=VOCABULARY)
+    daemon = Daemon(tmp_path, (
+        "max_candidates = 32\n[ranking]\n"
+        f'model_path = "{model}"\nmax_batch = 4\nbatch_buckets = [1, 4]\n'
+        "candidate_buckets = [8, 32]\nrecord_impressions = false\n"
+        "[online]\nenabled = true\ninterval_s = 0.1\nlearning_rate = 1e-9\n"
+        "embedding_learning_rate = 0.5\n"
+    ))  # fmt: skip
+    now = time.time()
+    candidates = [f"m{i}" for i in range(10)]
+    try:
+        daemon.wait_for("READY=1")
+        with daemon.client() as client:
+            client.request("ingest", events=[{"id": "w0", "type": "view", "user": "u9",
+                                              "item": "m1", "ts": now - 200}])  # fmt: skip
+
+            def m7_for_u9() -> tuple[float, float]:
+                [entry] = client.request("explain", user="u9", candidates=["m7"])["explain"]
+                return float(entry["model"]), float(entry.get("online_bias", 0.0))
+
+            model_before, _ = poll(m7_for_u9, lambda got: got[0] != 0.0, timeout_s=20)
+            for n in range(12):
+                user = f"u{n % 3}"
+                client.request("rank", user=user, candidates=candidates)  # caches the vector
+                client.request("ingest", events=[{"id": f"e{n}", "type": "click", "user": user,
+                                                  "item": "m7", "ts": now - 100 + n}])  # fmt: skip
+            model_after, bias = poll(m7_for_u9, lambda got: abs(got[0] - model_before) > 1e-3,
+                                     timeout_s=20)  # fmt: skip
+            assert abs(model_after - model_before) > 1e-3, "m7's row did not move"
+            assert abs(bias) < 1e-6
+            online = client.request("stats")["online"]
+            assert online["examples"] >= 1
+    finally:
+        daemon.close()
+
+
+def test_a_step_learns_from_the_newest_max_examples_and_counts_the_rest() -> None:
+    ranking, _ = _ranking()
+    learner = OnlineLearner(OnlineOptions(enabled=True, max_examples=10, learning_rate=0.5,
+                                          embedding_learning_rate=0.0))  # fmt: skip
+    learner.attach(ranking)
+    vector = np.ones(CONFIG.dim, np.float32)
+    for n in range(35):  # 25 of item 3, then the newest 10 of item 9
+        learner.observe(vector, np.asarray([3 if n < 25 else 9]))
+    assert learner.step() == 10
+    assert (learner.examples, learner.dropped) == (10, 25)
+    assert learner.bias[9] > 0
+    assert learner.bias[3] <= 0  # only ever a negative, if drawn
+    with pytest.raises(ValueError, match="max_examples"):
+        OnlineOptions(max_examples=0)
