@@ -47,10 +47,10 @@ class _Ranking:
         self.bias: np.ndarray | None = None
         self.table: np.ndarray | None = None
 
-    def set_item_bias(self, bias: np.ndarray) -> None:
+    def set_item_bias(self, bias: np.ndarray, *, model: object = None) -> None:  # noqa: ARG002
         self.bias = bias
 
-    def set_item_table(self, table: np.ndarray) -> None:
+    def set_item_table(self, table: np.ndarray, *, model: object = None) -> None:  # noqa: ARG002
         self.table = np.asarray(table, np.float32)
 
 

@@ -221,9 +221,10 @@ class OnlineLearner:
         """Hand the ranking a copy of the biases (and item table), to use from its next batch."""
         if self._ranking is None:
             return
-        self._ranking.set_item_bias(self._bias.copy())
+        # for the model learnt on: one swapped in meanwhile ignores them
+        self._ranking.set_item_bias(self._bias.copy(), model=self.model)
         if self._delta is not None and self._table is not None:
-            self._ranking.set_item_table(self._table + self._delta)
+            self._ranking.set_item_table(self._table + self._delta, model=self.model)
 
     @property
     def bias(self) -> np.ndarray:

@@ -409,32 +409,35 @@ class Ranking:
 
     # ------------------------------------------------------------ online biases
 
-    def set_item_bias(self, bias: np.ndarray | None) -> None:
+    def set_item_bias(self, bias: np.ndarray | None, *, model: object = None) -> None:
         """
         Add ``bias[model index]`` to every candidate's score from the next batch on.
 
         From the online learning step (`daemon.online`): ``bias`` is float32 ``[V + 1]``
-        for the model being served now (a bias for another model's table, after a swap,
-        is ignored), handed over whole and never changed afterwards; None removes it.
-        Items the model does not know (cold-start rows included) get no bias.
+        for the model being served now, handed over whole and never changed afterwards;
+        None removes it. A bias for another model (``model``, the `Ranker` it was learnt
+        for, when given, or a table of another size), published as a swap lands, is
+        ignored. Items the model does not know (cold-start rows included) get no bias.
         """
         ranker = self.ranker
-        if bias is None or ranker is None or len(bias) != ranker.item_table.shape[0]:
+        if bias is None or ranker is None or len(bias) != ranker.item_table.shape[0] or (
+                model is not None and model is not ranker):  # fmt: skip
             self._online = None
             return
         self._online = (ranker, np.asarray(bias, np.float32))
 
-    def set_item_table(self, table: np.ndarray | None) -> None:
+    def set_item_table(self, table: np.ndarray | None, *, model: object = None) -> None:
         """
         Score the model's items against ``table`` instead of the model's own, from the next batch.
 
         From the online learning step (`daemon.online`): float32, the shape of the
-        served model's item table (one learnt for another model, after a swap, is
-        ignored), handed over whole and never changed afterwards; None goes back to
-        the model's table.
+        served model's item table, handed over whole and never changed afterwards; None
+        goes back to the model's table. One learnt for another model (``model``, when
+        given, or another shape) is ignored, as in `set_item_bias`.
         """
         ranker = self.ranker
-        if table is None or ranker is None or table.shape != ranker.item_table.shape:
+        if table is None or ranker is None or table.shape != ranker.item_table.shape or (
+                model is not None and model is not ranker):  # fmt: skip
             self._online_table = None
             return
         table = np.asarray(table, np.float32)

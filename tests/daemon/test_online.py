@@ -367,3 +367,31 @@ def test_a_step_learns_from_the_newest_max_examples_and_counts_the_rest() -> Non
     assert learner.bias[3] <= 0  # only ever a negative, if drawn
     with pytest.raises(ValueError, match="max_examples"):
         OnlineOptions(max_examples=0)
+
+
+def test_what_the_step_learnt_for_a_model_swapped_out_meanwhile_is_not_served() -> None:
+    """A publish that lands after a swap to a model of the same shape changes nothing."""
+    ranking, state = _ranking()
+    learner = OnlineLearner(OnlineOptions(enabled=True, learning_rate=0.5))
+    learner.attach(ranking)
+    assert ranking.ranker is not None
+    params = {k: np.asarray(v) for k, v in init_params(jax.random.key(4), CONFIG).items()}
+    other = Ranker(params, CONFIG, feature_weights=(0.5, 1.0, 0.2), batch_buckets=(1, 4),
+                   candidate_buckets=(64,), host_scores=True,
+                   device=jax.devices("cpu")[0])  # fmt: skip
+    other.warmup()
+    ranking.replace_model(other, VOCABULARY, (0.5, 1.0, 0.2))
+    before = _rank(ranking)  # the swap happens at this batch
+    assert ranking.ranker is other
+    _rank(ranking, "u2")
+    project(state, [Viewed(id="late", ts=T + 1, user="u2", item="m5")])
+    learner.observe(np.ones(CONFIG.dim, np.float32), np.asarray([5]))
+    assert learner.step_and_publish() == 1  # learnt for the old model, published late
+    assert ranking._current_bias() is None  # noqa: SLF001
+    assert ranking._current_table() is other.item_table  # noqa: SLF001
+    assert _rank(ranking) == before
+    learner.attach(ranking)  # what the daemon's loop does next: learn for the new one
+    learner.observe(np.ones(CONFIG.dim, np.float32), np.asarray([5]))
+    assert learner.step_and_publish() == 1
+    assert ranking._current_bias() is not None  # noqa: SLF001
+    assert ranking._current_table() is not other.item_table  # noqa: SLF001
