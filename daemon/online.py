@@ -26,6 +26,7 @@ hundreds of megabytes, written once a second off the request path.
 Measured with ``rerankd replay --online`` (README, "Model quality"); off by default
 (``[online].enabled = false``).
 """
+
 from __future__ import annotations
 
 import dataclasses
