@@ -463,12 +463,17 @@ class Ranking:
         online = self._online
         return online[1] if online is not None and online[0] is self.ranker else None
 
+    def _moved_table(self) -> np.ndarray | None:
+        """The online step's table for the model served now, if it published one."""
+        online = self._online_table
+        return online[1] if online is not None and online[0] is self.ranker else None
+
     def _current_table(self) -> np.ndarray | None:
         """The item table scores are taken against: the online step's, else the model's."""
-        ranker, online = self.ranker, self._online_table
-        if online is not None and online[0] is ranker:
-            return online[1]
-        return None if ranker is None else ranker.item_table
+        moved = self._moved_table()
+        if moved is not None or self.ranker is None:
+            return moved
+        return self.ranker.item_table
 
     def _current_cold(self, state: State) -> ColdTable | None:
         """The published cold-start table, if it belongs to this model and state."""
@@ -500,8 +505,7 @@ class Ranking:
         features_batch(rows, offsets, user_rows, *columns, state.K, now,
                        state.config.half_life_s, features)  # fmt: skip
         table = cold.table if cold is not None else self._current_table()
-        online = self._online_table
-        moved = online is not None and online[0] is self.ranker
+        moved = self._moved_table() is not None
         weights = self.weights
         if bias is not None:  # model indices only: before the cold rows take their places
             features[:, len(FEATURES)] = bias[np.minimum(models, len(bias) - 1)] * (models > 0)

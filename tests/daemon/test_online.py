@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import jax
 import numpy as np
@@ -137,33 +138,44 @@ def test_repeated_feedback_moves_its_item_up_the_ranking() -> None:
     assert items.index(chosen) <= 2
 
 
-def test_the_daemon_learns_item_biases_online_when_enabled(tmp_path: Path) -> None:
-    """A real daemon with [online] on: clicks on one item raise its online_bias."""
-    import time  # noqa: PLC0415
-
-    from daemons import Daemon, poll  # noqa: PLC0415
+def _online_daemon(tmp_path: Path, online: str) -> Any:
+    """A `rerankd run` (not started yet: wait for READY=1) with [online] on plus ``online``."""
+    from daemons import Daemon  # noqa: PLC0415
 
     from kernels.modelfile import save_model  # noqa: PLC0415
 
     params = {k: np.asarray(v) for k, v in init_params(jax.random.key(3), CONFIG).items()}
     model = tmp_path / "model.safetensors"
     save_model(model, params, CONFIG, vocabulary=VOCABULARY)
-    daemon = Daemon(tmp_path, (
+    return Daemon(tmp_path, (
         "max_candidates = 32\n[ranking]\n"
         f'model_path = "{model}"\nmax_batch = 4\nbatch_buckets = [1, 4]\n'
         "candidate_buckets = [8, 32]\nrecord_impressions = false\n"
-        "[online]\nenabled = true\ninterval_s = 0.1\nlearning_rate = 0.5\n"
+        "[online]\nenabled = true\ninterval_s = 0.1\n" + online
     ))  # fmt: skip
+
+
+def _click_m7(client: Any) -> None:
+    """Twelve clicks on m7 by u0-u2, each after a rank that cached the user's vector."""
+    import time  # noqa: PLC0415
+
     now = time.time()
-    candidates = [f"m{i}" for i in range(10)]
+    for n in range(12):
+        user = f"u{n % 3}"
+        client.request("rank", user=user, candidates=[f"m{i}" for i in range(10)])
+        client.request("ingest", events=[{"id": f"e{n}", "type": "click", "user": user,
+                                          "item": "m7", "ts": now - 100 + n}])  # fmt: skip
+
+
+def test_the_daemon_learns_item_biases_online_when_enabled(tmp_path: Path) -> None:
+    """A real daemon with [online] on: clicks on one item raise its online_bias."""
+    from daemons import poll  # noqa: PLC0415
+
+    daemon = _online_daemon(tmp_path, "learning_rate = 0.5\n")
     try:
         daemon.wait_for("READY=1")
         with daemon.client() as client:
-            for n in range(12):
-                user = f"u{n % 3}"
-                client.request("rank", user=user, candidates=candidates)  # caches the vector
-                client.request("ingest", events=[{"id": f"e{n}", "type": "click", "user": user,
-                                                  "item": "m7", "ts": now - 100 + n}])  # fmt: skip
+            _click_m7(client)
 
             def bias() -> float:
                 answer = client.request("explain", user="u0", candidates=["m7"])
@@ -311,38 +323,21 @@ def test_the_daemon_moves_item_embeddings_online_when_asked(tmp_path: Path) -> N
     """
     import time  # noqa: PLC0415
 
-    from daemons import Daemon, poll  # noqa: PLC0415
+    from daemons import poll  # noqa: PLC0415
 
-    from kernels.modelfile import save_model  # noqa: PLC0415
-
-    params = {k: np.asarray(v) for k, v in init_params(jax.random.key(3), CONFIG).items()}
-    model = tmp_path / "model.safetensors"
-    save_model(model, params, CONFIG, vocabulary=VOCABULARY)
-    daemon = Daemon(tmp_path, (
-        "max_candidates = 32\n[ranking]\n"
-        f'model_path = "{model}"\nmax_batch = 4\nbatch_buckets = [1, 4]\n'
-        "candidate_buckets = [8, 32]\nrecord_impressions = false\n"
-        "[online]\nenabled = true\ninterval_s = 0.1\nlearning_rate = 1e-9\n"
-        "embedding_learning_rate = 0.5\n"
-    ))  # fmt: skip
-    now = time.time()
-    candidates = [f"m{i}" for i in range(10)]
+    daemon = _online_daemon(tmp_path, "learning_rate = 1e-9\nembedding_learning_rate = 0.5\n")
     try:
         daemon.wait_for("READY=1")
         with daemon.client() as client:
             client.request("ingest", events=[{"id": "w0", "type": "view", "user": "u9",
-                                              "item": "m1", "ts": now - 200}])  # fmt: skip
+                                              "item": "m1", "ts": time.time() - 200}])  # fmt: skip
 
             def m7_for_u9() -> tuple[float, float]:
                 [entry] = client.request("explain", user="u9", candidates=["m7"])["explain"]
                 return float(entry["model"]), float(entry.get("online_bias", 0.0))
 
             model_before, _ = poll(m7_for_u9, lambda got: got[0] != 0.0, timeout_s=20)
-            for n in range(12):
-                user = f"u{n % 3}"
-                client.request("rank", user=user, candidates=candidates)  # caches the vector
-                client.request("ingest", events=[{"id": f"e{n}", "type": "click", "user": user,
-                                                  "item": "m7", "ts": now - 100 + n}])  # fmt: skip
+            _click_m7(client)
             model_after, bias = poll(m7_for_u9, lambda got: abs(got[0] - model_before) > 1e-3,
                                      timeout_s=20)  # fmt: skip
             assert abs(model_after - model_before) > 1e-3, "m7's row did not move"
